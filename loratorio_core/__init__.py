@@ -1,0 +1,43 @@
+"""LoRAtorio: training-free, patch-wise composition of several LoRAs in diffusion models.
+
+The method on raw tensors (``weighting``, ``guidance``), one step as plan -> rows -> combine
+(``step``), and its settings (``config``). Framework-free: hosts (WebUIs, diffusers, any
+sampler) call in; nothing here imports them.
+"""
+
+from .config import MODES, UPSAMPLE_MODES, LoRAtorioConfig
+from .guidance import denoised_from_eps, eps_from_denoised, guided, recentered_uncond
+from .step import Adapter, Row, StepComposer, StepPlan, StepResult
+from .weighting import (
+    compose,
+    mean_divergence,
+    patch_cosine_similarity,
+    patch_grid,
+    select_top_k,
+    softmin_weights,
+    upsample_weights,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "UPSAMPLE_MODES",
+    "Adapter",
+    "LoRAtorioConfig",
+    "Row",
+    "StepComposer",
+    "StepPlan",
+    "StepResult",
+    "compose",
+    "denoised_from_eps",
+    "eps_from_denoised",
+    "guided",
+    "mean_divergence",
+    "patch_cosine_similarity",
+    "patch_grid",
+    "recentered_uncond",
+    "select_top_k",
+    "softmin_weights",
+    "upsample_weights",
+]

@@ -1,0 +1,79 @@
+"""The one settings object of the method, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+MODES = ("loratorio", "composite", "switch", "merge")
+UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+@dataclass(frozen=True)
+class LoRAtorioConfig:
+    """How a step is composed.
+
+    mode: ``loratorio`` (the method), or one of the baselines of Zhong et al. 2024:
+        ``composite`` (mean of every LoRA's cond and uncond, then CFG), ``switch`` (one LoRA a
+        step, cycling every ``switch_every`` steps in prompt order), ``merge`` (every LoRA
+        active at once on one model: what the WebUIs do by default).
+    patch_size: side d of the square latent patches the similarity is measured on.
+    temperature: SoftMin temperature tau; cosine similarities of noise predictions sit close to 1,
+        so useful values are small (well under 1).
+    recenter: lam of the re-centered unconditional branch; 1 uses the base model's unconditional
+        prediction alone, so no LoRA needs an unconditional pass (N + 2 rows instead of 2N + 2).
+    top_k: keep only the k LoRAs that diverge most from the base (dynamic selection); None keeps all.
+    reselect_every: with top_k, how many steps a selection stays in force (1 = every step, as in
+        the paper); between selections only the kept LoRAs are evaluated.
+    upsample: how patch weights are spread over the latent's pixels: ``nearest`` or ``bilinear``.
+    switch_every: steps each LoRA stays active in ``switch`` mode (5 in the paper's baseline).
+
+    The paper does not publish d, tau, k or the upsampling mode; the defaults here are the
+    project's and are revisited by its quality benchmark.
+    """
+
+    mode: str = "loratorio"
+    patch_size: int = 4
+    temperature: float = 0.01
+    recenter: float = 0.5
+    top_k: int | None = None
+    reselect_every: int = 1
+    upsample: str = "nearest"
+    switch_every: int = 5
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        _require_int("patch_size", self.patch_size, minimum=1)
+        if not _is_real(self.temperature) or not (0 < self.temperature < math.inf):
+            raise ValueError(f"temperature must be a finite number > 0 (try 0.01); got {self.temperature!r}")
+        if not _is_real(self.recenter) or not (0.0 <= self.recenter <= 1.0):
+            raise ValueError(f"recenter (lam) must be in [0, 1]; got {self.recenter!r}")
+        if self.top_k is not None:
+            _require_int("top_k", self.top_k, minimum=1)
+            if self.mode != "loratorio":
+                raise ValueError(
+                    f"top_k (dynamic selection) applies to mode 'loratorio' only; got mode "
+                    f"{self.mode!r} with top_k={self.top_k}: set top_k=None"
+                )
+        _require_int("reselect_every", self.reselect_every, minimum=1)
+        if self.upsample not in UPSAMPLE_MODES:
+            raise ValueError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}; got {self.upsample!r}")
+        _require_int("switch_every", self.switch_every, minimum=1)
+
+    def replace(self, **changes: Any) -> LoRAtorioConfig:
+        """A copy with some settings changed (validated like any new config)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown LoRAtorioConfig setting(s): {', '.join(sorted(unknown))}")
+        return replace(self, **changes)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")

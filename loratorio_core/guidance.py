@@ -1,0 +1,79 @@
+"""Classifier-free guidance, the re-centered unconditional branch, and prediction spaces.
+
+All similarity work happens on noise (epsilon) predictions. Hosts that work in denoised (x0)
+space convert with ``eps_from_denoised`` and back with ``denoised_from_eps``: the composition
+weights sum to 1, so composing eps and composing the matching x0 give the same result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .weighting import compose
+
+
+def recentered_uncond(
+    eps_base_uncond: Tensor,
+    eps_loras_uncond: Tensor | None,
+    weights_up: Tensor,
+    lam: float,
+) -> Tensor:
+    """The unconditional branch re-centered on the base model.
+
+    lam * eps_base_uncond + (1 - lam) * compose(eps_loras_uncond, weights_up).
+    eps_base_uncond (B, C, H, W), eps_loras_uncond (N, B, C, H, W) (may be None when lam == 1:
+    then no LoRA needs an unconditional pass), weights_up (N, B, 1, H, W) -> (B, C, H, W).
+    """
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= lam <= 1.0):
+        raise ValueError(f"lam must be in [0, 1]; got {lam!r}")
+    if lam == 1.0:
+        return eps_base_uncond
+    if eps_loras_uncond is None:
+        raise ValueError("eps_loras_uncond is required when lam < 1")
+    if eps_loras_uncond.shape[1:] != eps_base_uncond.shape:
+        raise ValueError(
+            f"eps_loras_uncond must be (N, B, C, H, W) with (B, C, H, W) = "
+            f"{tuple(eps_base_uncond.shape)}; got shape {tuple(eps_loras_uncond.shape)}"
+        )
+    mixed = compose(eps_loras_uncond, weights_up)
+    if lam == 0.0:
+        return mixed.to(eps_base_uncond.dtype)
+    dtype = torch.promote_types(eps_base_uncond.dtype, torch.float32)
+    out = lam * eps_base_uncond.to(dtype) + (1.0 - lam) * mixed.to(dtype)
+    return out.to(eps_base_uncond.dtype)
+
+
+def guided(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond). (B, C, H, W) each."""
+    if cond.shape != uncond.shape:
+        raise ValueError(
+            f"cond and uncond must have one shape; got {tuple(cond.shape)} and {tuple(uncond.shape)}"
+        )
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number; got {scale!r}")
+    return uncond + scale * (cond - uncond)
+
+
+def eps_from_denoised(x: Tensor, denoised: Tensor, sigma: Tensor | float) -> Tensor:
+    """k-diffusion's x0 prediction to the noise prediction: (x - denoised) / sigma.
+
+    x, denoised (B, C, H, W); sigma a number or (B,) per sample (must be > 0).
+    """
+    return (x - denoised) / _per_sample(sigma, x)
+
+
+def denoised_from_eps(x: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
+    """The inverse of ``eps_from_denoised``: x - sigma * eps."""
+    return x - _per_sample(sigma, x) * eps
+
+
+def _per_sample(sigma: Tensor | float, x: Tensor) -> Tensor:
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    if sigma.dim() == 0:
+        return sigma
+    if sigma.dim() != 1 or sigma.shape[0] != x.shape[0]:
+        raise ValueError(f"sigma must be a number or (B,) = ({x.shape[0]},); got shape {tuple(sigma.shape)}")
+    return sigma.reshape(-1, *([1] * (x.dim() - 1)))

@@ -1,0 +1,395 @@
+"""One denoising step as plan -> the host evaluates rows -> combine.
+
+A host (a WebUI, diffusers, any sampler) never re-implements the method. Each step it asks
+``StepComposer.plan`` which model rows to evaluate, evaluates them (in one batch or in chunks:
+its choice), and hands the predictions to ``StepComposer.combine``, which returns the guided noise
+prediction and diagnostics.
+
+A *row* is one model evaluation: a set of (adapter, scale) to activate (the empty set is the base
+model) on the cond or the uncond branch, for some samples of the batch (all of them, except on
+top-k steps between reselections, where a LoRA is evaluated only for the samples that keep it).
+The host evaluates the plan's *entries*, the (row, sample) pairs in row order: entry e takes
+sample ``plan.sample_index[e]``'s latent, the conditioning ``plan.conditioning_index[e]`` of
+``cat([cond, uncond])`` and the adapters ``plan.entry_adapters[e]``, and the predictions come back
+stacked as (E, C, H, W) in the same order. Cond rows always come before uncond rows.
+
+The only thing that outlives a step is the top-k kept set: ``combine`` returns it
+(``StepResult.kept``) and the host passes it to the next ``plan`` (``kept=``). Nothing is hidden
+in the composer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .config import LoRAtorioConfig
+from .guidance import guided, recentered_uncond
+from .weighting import (
+    compose,
+    mean_divergence,
+    patch_cosine_similarity,
+    patch_grid,
+    select_top_k,
+    softmin_weights,
+    upsample_weights,
+)
+
+COND = "cond"
+UNCOND = "uncond"
+BASE = "base"
+MERGED = "merged"
+
+
+class Adapter(NamedTuple):
+    """A LoRA taking part in a step, at the scale (multiplier) the user gave it."""
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One model evaluation for each of ``samples``.
+
+    adapters: (adapter index, scale) pairs active on this row; () is the base model.
+    branch: ``cond`` or ``uncond``.
+    samples: the batch samples (ascending) this row is evaluated for.
+    """
+
+    adapters: tuple[tuple[int, float], ...]
+    branch: str
+    samples: tuple[int, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class StepPlan:
+    """What to evaluate this step, and what ``combine`` needs to read it back.
+
+    rows: the rows, cond rows first. evaluated: adapters evaluated alone this step (loratorio,
+    composite, switch), in adapter order. selecting: this step's ``combine`` makes a top-k
+    selection. kept: bool (N, B) top-k set in force on a step between selections, else None.
+    """
+
+    config: LoRAtorioConfig
+    step: int
+    adapters: tuple[Adapter, ...]
+    batch_size: int
+    cfg: bool
+    rows: tuple[Row, ...]
+    evaluated: tuple[int, ...]
+    selecting: bool
+    kept: Tensor | None
+    _row_of: dict[tuple[str, object], int] = field(repr=False)
+    _offsets: tuple[int, ...] = field(repr=False)
+
+    @property
+    def num_entries(self) -> int:
+        """E: how many (row, sample) evaluations the host makes this step."""
+        return self._offsets[-1]
+
+    @property
+    def sample_index(self) -> Tensor:
+        """(E,) long: the batch sample each entry evaluates (index into x of shape (B, ...))."""
+        return torch.tensor([s for row in self.rows for s in row.samples], dtype=torch.long)
+
+    @property
+    def conditioning_index(self) -> Tensor:
+        """(E,) long: each entry's row of ``cat([cond, uncond])`` (2B rows)."""
+        b = self.batch_size
+        return torch.tensor(
+            [s + (b if row.branch == UNCOND else 0) for row in self.rows for s in row.samples],
+            dtype=torch.long,
+        )
+
+    @property
+    def entry_adapters(self) -> tuple[tuple[tuple[int, float], ...], ...]:
+        """(adapter index, scale) pairs active on each entry."""
+        return tuple(row.adapters for row in self.rows for _ in row.samples)
+
+    def row_slice(self, row: int) -> slice:
+        """The entries of one row."""
+        return slice(self._offsets[row], self._offsets[row + 1])
+
+
+@dataclass(frozen=True, eq=False)
+class StepResult:
+    """The composed prediction of one step, and what it was made of.
+
+    eps: (B, C, H, W) the guided noise prediction (cond alone without CFG).
+    cond, uncond: the composed branches before guidance (uncond None without CFG).
+    weights: float (N, B, h, w) each adapter's patch weights (0 where it took no part);
+        None for merge, whose adapters act together on one model.
+    kept: bool (N, B) the top-k set after this step (pass it to the next ``plan``); None
+        without top-k.
+    divergence: float (N, B) mean over patches of 1 - cosine similarity to the base; NaN where
+        an adapter was not evaluated for a sample; None where the mode has no base row.
+    """
+
+    eps: Tensor
+    cond: Tensor
+    uncond: Tensor | None
+    weights: Tensor | None
+    kept: Tensor | None
+    divergence: Tensor | None
+
+
+class StepComposer:
+    """Plans and combines the rows of a step for one ``LoRAtorioConfig``."""
+
+    def __init__(self, config: LoRAtorioConfig | None = None) -> None:
+        self.config = config if config is not None else LoRAtorioConfig()
+
+    def plan(
+        self,
+        step: int,
+        adapters: Sequence[Adapter | tuple[str, float]],
+        *,
+        batch_size: int = 1,
+        cfg: bool = True,
+        kept: Tensor | None = None,
+    ) -> StepPlan:
+        """The rows to evaluate at ``step`` (0-based sampler step; second-order samplers
+        plan the same step twice).
+
+        adapters: the LoRAs, in prompt order, with their scales. cfg: False for guidance
+        scale 1 or guidance-distilled models: no uncond rows at all. kept: the previous step's
+        ``StepResult.kept`` when top-k is on (None starts a new selection).
+        """
+        cfg_ = self.config
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an integer >= 0; got {step!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
+        specs = tuple(_adapter(a, i) for i, a in enumerate(adapters))
+        n = len(specs)
+        everyone = tuple(range(batch_size))
+        uncond_loras = cfg and cfg_.recenter < 1.0
+        selecting = False
+        kept_now = None
+        samples_of = {i: everyone for i in range(n)}
+
+        if n == 0:
+            cond_keys, uncond_keys = [BASE], [BASE] if cfg else []
+        elif cfg_.mode == "merge":
+            cond_keys, uncond_keys = [MERGED], [MERGED] if cfg else []
+        elif cfg_.mode == "switch":
+            active = (step // cfg_.switch_every) % n
+            cond_keys, uncond_keys = [active], [active] if cfg else []
+        elif cfg_.mode == "composite":
+            cond_keys, uncond_keys = list(range(n)), list(range(n)) if cfg else []
+        else:
+            evaluated = list(range(n))
+            if cfg_.top_k is not None:
+                if cfg_.top_k > n:
+                    raise ValueError(
+                        f"top_k ({cfg_.top_k}) is larger than the number of adapters ({n}): "
+                        f"lower top_k or add LoRAs to the pool"
+                    )
+                kept_now, selecting = _schedule_top_k(cfg_, step, n, batch_size, kept)
+                if kept_now is not None:
+                    evaluated = [i for i in range(n) if bool(kept_now[i].any())]
+                    samples_of = {
+                        i: tuple(int(s) for s in kept_now[i].nonzero().flatten()) for i in evaluated
+                    }
+            cond_keys = [BASE, *evaluated]
+            uncond_keys = ([BASE] + (evaluated if uncond_loras else [])) if cfg else []
+
+        rows: list[Row] = []
+        row_of: dict[tuple[str, object], int] = {}
+        for branch, keys in ((COND, cond_keys), (UNCOND, uncond_keys)):
+            for key in keys:
+                row_of[(branch, key)] = len(rows)
+                if key == BASE:
+                    rows.append(Row((), branch, everyone))
+                elif key == MERGED:
+                    rows.append(Row(tuple((i, a.scale) for i, a in enumerate(specs)), branch, everyone))
+                else:
+                    rows.append(Row(((key, specs[key].scale),), branch, samples_of[key]))
+        offsets = [0]
+        for row in rows:
+            offsets.append(offsets[-1] + len(row.samples))
+        evaluated_alone = tuple(k for k in cond_keys if isinstance(k, int))
+        return StepPlan(
+            config=cfg_,
+            step=step,
+            adapters=specs,
+            batch_size=batch_size,
+            cfg=cfg,
+            rows=tuple(rows),
+            evaluated=evaluated_alone,
+            selecting=selecting,
+            kept=kept_now,
+            _row_of=row_of,
+            _offsets=tuple(offsets),
+        )
+
+    def combine(self, plan: StepPlan, predictions: Tensor, guidance_scale: float | None = None) -> StepResult:
+        """The guided noise prediction from the plan's evaluated entries.
+
+        predictions: (E, C, H, W) noise predictions, one per entry in plan order.
+        guidance_scale: the CFG scale; required when the plan has uncond rows, and must be
+        None (or 1) when it has none.
+        """
+        if plan.config != self.config:
+            raise ValueError("plan was made by a StepComposer with another config")
+        if predictions.dim() != 4 or predictions.shape[0] != plan.num_entries:
+            raise ValueError(
+                f"predictions must be (E, C, H, W) with E = {plan.num_entries} entries of the "
+                f"plan; got shape {tuple(predictions.shape)}"
+            )
+        if plan.cfg and guidance_scale is None:
+            raise ValueError("guidance_scale is required: the plan has uncond rows (cfg=True)")
+        if not plan.cfg and guidance_scale not in (None, 1, 1.0):
+            raise ValueError(
+                f"guidance_scale must be None or 1 for a plan without uncond rows (cfg=False); "
+                f"got {guidance_scale!r}: plan with cfg=True to guide"
+            )
+        read = _Reader(plan, predictions)
+        if not plan.adapters:
+            return _plain(plan, read, BASE, guidance_scale, weights=_empty_weights(plan, read))
+        mode = plan.config.mode
+        if mode == "merge":
+            return _plain(plan, read, MERGED, guidance_scale, weights=None)
+        if mode == "switch":
+            return _plain(plan, read, plan.evaluated[0], guidance_scale, weights=_one_hot(plan, read))
+        if mode == "composite":
+            return _composite(plan, read, guidance_scale)
+        return _loratorio(plan, read, guidance_scale)
+
+
+def _adapter(spec: Adapter | tuple[str, float], index: int) -> Adapter:
+    try:
+        name, scale = spec
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"adapters[{index}] must be an Adapter(name, scale) or a (name, scale) pair; got {spec!r}"
+        ) from None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"adapters[{index}] ({name!r}) has a scale that is not a finite number: {scale!r}")
+    return Adapter(str(name), float(scale))
+
+
+def _schedule_top_k(
+    config: LoRAtorioConfig, step: int, n: int, batch_size: int, kept: Tensor | None
+) -> tuple[Tensor | None, bool]:
+    """(kept set in force, whether this step selects). A selection needs the whole pool."""
+    if config.top_k == n:
+        return torch.ones(n, batch_size, dtype=torch.bool), False
+    if kept is None or step % config.reselect_every == 0:
+        return None, True
+    kept = kept.detach().to("cpu")
+    if kept.dtype != torch.bool or tuple(kept.shape) != (n, batch_size):
+        raise ValueError(
+            f"kept must be the bool (N, B) = {(n, batch_size)} set of the previous step's "
+            f"StepResult.kept; got {kept.dtype} of shape {tuple(kept.shape)} "
+            f"(pass kept=None after the adapters or the batch changed)"
+        )
+    if not bool(kept.any(dim=0).all()):
+        raise ValueError("kept must keep at least one LoRA for every sample")
+    return kept, False
+
+
+class _Reader:
+    """Reads the rows of a plan back out of the stacked (E, C, H, W) predictions."""
+
+    def __init__(self, plan: StepPlan, predictions: Tensor) -> None:
+        self.plan = plan
+        self.predictions = predictions
+        self.size = tuple(predictions.shape[2:])
+
+    def one(self, branch: str, key: object) -> Tensor:
+        """(B, C, H, W) of a row that covers every sample."""
+        return self.predictions[self.plan.row_slice(self.plan._row_of[(branch, key)])]
+
+    def stack(self, branch: str, adapters: Sequence[int]) -> Tensor:
+        """(U, B, C, H, W) of the adapters' rows; zeros where a row skips a sample."""
+        plan, b = self.plan, self.plan.batch_size
+        rows = [plan._row_of[(branch, i)] for i in adapters]
+        first, last = plan.row_slice(rows[0]).start, plan.row_slice(rows[-1]).stop
+        if rows == list(range(rows[0], rows[0] + len(rows))) and last - first == len(rows) * b:
+            # Consecutive full rows: a view, no copy.
+            return self.predictions[first:last].unflatten(0, (len(rows), b))
+        out = self.predictions.new_zeros((len(rows), b, *self.predictions.shape[1:]))
+        for u, r in enumerate(rows):
+            samples = torch.tensor(plan.rows[r].samples, device=out.device)
+            out[u].index_copy_(0, samples, self.predictions[plan.row_slice(r)])
+        return out
+
+
+def _finish(cond: Tensor, uncond: Tensor | None, scale: float | None) -> Tensor:
+    return guided(cond, uncond, float(scale)) if uncond is not None else cond
+
+
+def _plain(plan, read, key, scale, *, weights) -> StepResult:
+    cond = read.one(COND, key)
+    uncond = read.one(UNCOND, key) if plan.cfg else None
+    return StepResult(_finish(cond, uncond, scale), cond, uncond, weights, None, None)
+
+
+def _composite(plan: StepPlan, read: _Reader, scale: float | None) -> StepResult:
+    n = len(plan.adapters)
+    cond = _mean(read.stack(COND, range(n)))
+    uncond = _mean(read.stack(UNCOND, range(n))) if plan.cfg else None
+    weights = torch.full(
+        (n, plan.batch_size, *patch_grid(read.size, plan.config.patch_size)),
+        1.0 / n,
+        device=cond.device,
+    )
+    return StepResult(_finish(cond, uncond, scale), cond, uncond, weights, None, None)
+
+
+def _loratorio(plan: StepPlan, read: _Reader, scale: float | None) -> StepResult:
+    config, n, b = plan.config, len(plan.adapters), plan.batch_size
+    used = list(plan.evaluated)
+    base_cond = read.one(COND, BASE)
+    lora_cond = read.stack(COND, used)
+    similarity = patch_cosine_similarity(lora_cond, base_cond, config.patch_size)
+    if plan.selecting:
+        keep = select_top_k(similarity, config.top_k)
+    elif plan.kept is not None and not bool(plan.kept[used].all()):
+        keep = plan.kept[used]
+    else:
+        keep = None
+    weights = softmin_weights(similarity, config.temperature, keep)
+    weights_up = upsample_weights(weights, read.size, config.patch_size, config.upsample)
+    cond = compose(lora_cond, weights_up)
+    uncond = None
+    if plan.cfg:
+        lora_uncond = read.stack(UNCOND, used) if config.recenter < 1.0 else None
+        uncond = recentered_uncond(read.one(UNCOND, BASE), lora_uncond, weights_up, config.recenter)
+
+    device = similarity.device
+    index = torch.tensor(used, device=device)
+    all_weights = weights.new_zeros((n, b, *weights.shape[2:])).index_copy_(0, index, weights)
+    divergence = mean_divergence(similarity)
+    if plan.kept is not None and not plan.selecting:
+        # Adapters skipped for a sample were not evaluated there: no divergence to report.
+        divergence = divergence.masked_fill(~plan.kept[used].to(device), math.nan)
+    all_divergence = divergence.new_full((n, b), math.nan).index_copy_(0, index, divergence)
+    kept = None
+    if config.top_k is not None:
+        in_force = keep if keep is not None else torch.ones(len(used), b, dtype=torch.bool)
+        kept = torch.zeros(n, b, dtype=torch.bool, device=device).index_copy_(0, index, in_force.to(device))
+    return StepResult(_finish(cond, uncond, scale), cond, uncond, all_weights, kept, all_divergence)
+
+
+def _mean(stack: Tensor) -> Tensor:
+    return stack.to(torch.promote_types(stack.dtype, torch.float32)).mean(0).to(stack.dtype)
+
+
+def _empty_weights(plan: StepPlan, read: _Reader) -> Tensor:
+    grid = patch_grid(read.size, plan.config.patch_size)
+    return torch.zeros((0, plan.batch_size, *grid), device=read.predictions.device)
+
+
+def _one_hot(plan: StepPlan, read: _Reader) -> Tensor:
+    grid = patch_grid(read.size, plan.config.patch_size)
+    weights = torch.zeros((len(plan.adapters), plan.batch_size, *grid), device=read.predictions.device)
+    weights[plan.evaluated[0]] = 1.0
+    return weights

@@ -1,0 +1,79 @@
+"""An independent float64 rendering of the method's formulas (docs: shared method.md).
+
+Written with plain loops over patches and pixels, nothing shared with loratorio_core, so the
+tests compare two implementations rather than one with itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def similarity(eps_loras: torch.Tensor, eps_base: torch.Tensor, d: int) -> torch.Tensor:
+    n, b, _, height, width = eps_loras.shape
+    h, w = math.ceil(height / d), math.ceil(width / d)
+    out = torch.zeros(n, b, h, w, dtype=torch.float64)
+    for i in range(n):
+        for s in range(b):
+            for y in range(h):
+                for x in range(w):
+                    a = eps_loras[i, s, :, y * d : (y + 1) * d, x * d : (x + 1) * d].double().flatten()
+                    c = eps_base[s, :, y * d : (y + 1) * d, x * d : (x + 1) * d].double().flatten()
+                    na, nc = a.norm().item(), c.norm().item()
+                    out[i, s, y, x] = 0.0 if na == 0 or nc == 0 else (a @ c).item() / (na * nc)
+    return out
+
+
+def softmin(sim: torch.Tensor, tau: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    n, b, h, w = sim.shape
+    out = torch.zeros(n, b, h, w, dtype=torch.float64)
+    for s in range(b):
+        members = [i for i in range(n) if keep is None or bool(keep[i, s])]
+        for y in range(h):
+            for x in range(w):
+                for i in members:
+                    # w_i = 1 / sum_j exp(-(s_j - s_i) / tau): the softmin, stable in float64.
+                    total = sum(
+                        math.exp(-(sim[j, s, y, x].item() - sim[i, s, y, x].item()) / tau) for j in members
+                    )
+                    out[i, s, y, x] = 1.0 / total
+    return out
+
+
+def upsample_nearest(weights: torch.Tensor, height: int, width: int, d: int) -> torch.Tensor:
+    n, b = weights.shape[:2]
+    out = torch.zeros(n, b, 1, height, width, dtype=torch.float64)
+    for py in range(height):
+        for px in range(width):
+            out[:, :, 0, py, px] = weights[:, :, py // d, px // d]
+    return out
+
+
+def compose(eps: torch.Tensor, weights_up: torch.Tensor) -> torch.Tensor:
+    return sum(weights_up[i].double() * eps[i].double() for i in range(eps.shape[0]))
+
+
+def top_k(sim: torch.Tensor, k: int) -> torch.Tensor:
+    n, b = sim.shape[:2]
+    keep = torch.zeros(n, b, dtype=torch.bool)
+    for s in range(b):
+        divergence = [(1.0 - sim[i, s].double()).mean().item() for i in range(n)]
+        # Most divergent first; equal divergence keeps prompt order.
+        order = sorted(range(n), key=lambda i: (-divergence[i], i))
+        for i in order[:k]:
+            keep[i, s] = True
+    return keep
+
+
+def loratorio_step(base_c, base_u, loras_c, loras_u, *, d, tau, lam, scale, keep=None) -> torch.Tensor:
+    """One guided step of the method, in float64, from the raw predictions."""
+    sim = similarity(loras_c, base_c, d)
+    weights = upsample_nearest(softmin(sim, tau, keep), base_c.shape[-2], base_c.shape[-1], d)
+    e_c = compose(loras_c, weights)
+    if base_u is None:
+        return e_c
+    mixed = compose(loras_u, weights) if lam < 1 else 0.0
+    e_u = lam * base_u.double() + (1 - lam) * mixed
+    return e_u + scale * (e_c - e_u)
