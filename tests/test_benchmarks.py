@@ -1,0 +1,22 @@
+"""The benchmark scripts still run (smoke runs at tiny sizes; their figures are not judged here)."""
+
+import importlib.util
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_core_prints_its_table(capsys):
+    load("bench_core").main(
+        ["--device", "cpu", "--repeats", "1", "--latents", "16", "--batches", "2", "--loras", "2", "3"]
+    )
+    out = capsys.readouterr().out
+    assert "core/step" in out and "worst core/step" in out
+    assert len([line for line in out.splitlines() if line.startswith("tiny")]) == 2
