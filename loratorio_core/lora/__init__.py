@@ -1,6 +1,20 @@
 """LoRA files, their mapping onto a model's modules, and the per-row runtime."""
 
+from .binding import BoundLoRA, bind_lora, guess_family
 from .files import LayerUpdate, LoRAFile, LoRAFileError, load_lora, read_safetensors
 from .keymap import layer_aliases
+from .runtime import LoRARuntime, evaluate_entries
 
-__all__ = ["LayerUpdate", "LoRAFile", "LoRAFileError", "layer_aliases", "load_lora", "read_safetensors"]
+__all__ = [
+    "BoundLoRA",
+    "LayerUpdate",
+    "LoRAFile",
+    "LoRAFileError",
+    "LoRARuntime",
+    "bind_lora",
+    "evaluate_entries",
+    "guess_family",
+    "layer_aliases",
+    "load_lora",
+    "read_safetensors",
+]

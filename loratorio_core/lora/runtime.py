@@ -1,0 +1,265 @@
+"""Several LoRAs on one model, each active on its own batch rows, in one forward pass.
+
+``LoRARuntime`` puts one forward hook on every layer an adapter touches. For the rows where
+adapters are active, the hook adds ``scale * alpha / rank * up(down(x))`` of each of them to the
+layer's output (a dense delta for LoHa/LoKr/full-diff layers and grouped convs); rows without an
+adapter see the untouched base model. Each adapter's matmuls run once per layer, on its rows
+only: a slice when its rows are contiguous (what a plan produces), a gather otherwise. The
+model's weights are never modified; ``detach`` (or leaving the ``with`` block, also on an
+exception) removes every hook.
+
+    runtime = LoRARuntime(unet, [bound_a.layers, bound_b.layers])
+    with runtime:
+        with runtime.rows(plan.entry_adapters):
+            eps = unet(x_in, t_in, context_in)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .files import LayerUpdate
+
+RowAdapters = Sequence[Sequence[tuple[int, float]]]
+
+
+class LoRARuntime:
+    """Adapters (numbered in the order given, as in a plan) applied per batch row."""
+
+    def __init__(self, model: nn.Module, adapters: Sequence[Mapping[str, LayerUpdate]]):
+        self.model = model
+        self.num_adapters = len(adapters)
+        modules = dict(model.named_modules())
+        self._layers: dict[str, list[tuple[int, _Delta]]] = {}
+        for index, layers in enumerate(adapters):
+            for name, update in layers.items():
+                if name not in modules:
+                    raise ValueError(
+                        f"adapters[{index}] names module {name!r}, which the model does not have"
+                    )
+                self._layers.setdefault(name, []).append((index, _Delta(modules[name], update)))
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._assignment: _Assignment | None = None
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> LoRARuntime:
+        """Put the hooks on (once); without ``rows`` they change nothing."""
+        if self._handles:
+            return self
+        modules = dict(self.model.named_modules())
+        try:
+            for name, deltas in self._layers.items():
+                self._handles.append(modules[name].register_forward_hook(self._hook(name, deltas)))
+        except BaseException:
+            self.detach()
+            raise
+        return self
+
+    def detach(self) -> None:
+        """Remove every hook; the model is exactly as before ``attach``."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._assignment = None
+
+    def __enter__(self) -> LoRARuntime:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    @contextmanager
+    def rows(self, row_adapters: RowAdapters):
+        """Within the block, forward passes apply ``row_adapters[r]`` (adapter index, scale)
+        pairs to batch row r. Every forward must have ``len(row_adapters)`` rows."""
+        if not self._handles:
+            raise RuntimeError("LoRARuntime.rows() needs the hooks attached: use `with runtime:` first")
+        previous = self._assignment
+        self._assignment = _Assignment(row_adapters, self.num_adapters)
+        try:
+            yield self
+        finally:
+            self._assignment = previous
+
+    def _hook(self, name: str, deltas: list[tuple[int, _Delta]]) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            assignment = self._assignment
+            if assignment is None or not assignment.groups:
+                return None
+            x = args[0]
+            if x.shape[0] != assignment.num_rows:
+                raise RuntimeError(
+                    f"LoRAtorio: layer {name} received {x.shape[0]} batch rows, but adapters were "
+                    f"assigned for {assignment.num_rows}: evaluate the plan's entries in one call per "
+                    f"rows() block"
+                )
+            in_place = not (torch.is_grad_enabled() and output.requires_grad)
+            for index, delta in deltas:
+                group = assignment.groups.get(index)
+                if group is None:
+                    continue
+                if group.rows is not None:
+                    piece = delta(x[group.rows]).to(output.dtype)
+                    if in_place:
+                        output[group.rows].add_(piece, alpha=group.scale)
+                    else:
+                        output = output.index_add(0, group.index(output.device), piece * group.scale)
+                else:
+                    index_rows = group.index(x.device)
+                    scales = group.row_scales(x.device, output.dtype).view(-1, *[1] * (x.dim() - 1))
+                    piece = delta(x.index_select(0, index_rows)).to(output.dtype) * scales
+                    output = (
+                        output.index_add_(0, index_rows, piece)
+                        if in_place
+                        else output.index_add(0, index_rows, piece)
+                    )
+            return output
+
+        return hook
+
+
+def evaluate_entries(
+    forward: Callable[..., Tensor],
+    runtime: LoRARuntime | None,
+    row_adapters: RowAdapters,
+    batched: Mapping[str, object],
+    *,
+    max_rows: int | None = None,
+    **shared,
+) -> Tensor:
+    """``forward(**batched, **shared)`` over all entries, ``max_rows`` at a time.
+
+    batched: tensors (or dicts/lists of tensors, like SDXL conditioning) whose first dimension is
+    the entries; each chunk gets its slice, and the runtime (if any) that chunk's adapters.
+    The result is identical to one call over every entry.
+    """
+    total = len(row_adapters)
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+        raise ValueError(f"max_rows must be an integer >= 1 or None; got {max_rows!r}")
+    step = total if max_rows is None else max_rows
+    outputs = []
+    for start in range(0, total, step):
+        stop = min(start + step, total)
+        chunk = {key: _slice(value, start, stop) for key, value in batched.items()}
+        if runtime is None:
+            outputs.append(forward(**chunk, **shared))
+        else:
+            with runtime.rows(row_adapters[start:stop]):
+                outputs.append(forward(**chunk, **shared))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def _slice(value, start: int, stop: int):
+    if isinstance(value, Tensor):
+        return value[start:stop]
+    if isinstance(value, Mapping):
+        return {key: _slice(item, start, stop) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_slice(item, start, stop) for item in value)
+    return value
+
+
+@dataclass
+class _Group:
+    """The rows of one adapter: a contiguous slice with one scale, or rows with their scales."""
+
+    rows: slice | None
+    scale: float
+    indices: list[int]
+    scales: list[float]
+
+    def index(self, device: torch.device) -> Tensor:
+        return torch.tensor(self.indices, dtype=torch.long, device=device)
+
+    def row_scales(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        return torch.tensor(self.scales, dtype=dtype, device=device)
+
+
+class _Assignment:
+    def __init__(self, row_adapters: RowAdapters, num_adapters: int):
+        self.num_rows = len(row_adapters)
+        per_adapter: dict[int, tuple[list[int], list[float]]] = {}
+        for row, active in enumerate(row_adapters):
+            for index, scale in active:
+                if not (isinstance(index, int) and 0 <= index < num_adapters):
+                    raise ValueError(f"row {row} names adapter {index!r}; the runtime has {num_adapters}")
+                if not math.isfinite(scale):
+                    raise ValueError(f"row {row} gives adapter {index} a scale that is not finite: {scale!r}")
+                rows, scales = per_adapter.setdefault(index, ([], []))
+                rows.append(row)
+                scales.append(float(scale))
+        self.groups: dict[int, _Group] = {}
+        for index, (rows, scales) in per_adapter.items():
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows))) and len(set(scales)) == 1
+            self.groups[index] = _Group(
+                slice(rows[0], rows[-1] + 1) if contiguous else None, scales[0], rows, scales
+            )
+
+
+class _Delta:
+    """Computes one adapter's change of one layer's output, for the rows it is given."""
+
+    def __init__(self, module: nn.Module, update: LayerUpdate):
+        self.module = module
+        self.update = update
+        self.grouped = isinstance(module, nn.Conv2d) and module.groups > 1
+        self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = {}
+
+    def _weights(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+        key = (device, dtype)
+        if key not in self._cache:
+            update, module = self.update, self.module
+            if update.is_dense or self.grouped:
+                dense = update.delta_weight(module.weight.shape)
+                bias = update.dense_bias.float().reshape(-1) if update.dense_bias is not None else None
+                weights = (dense, bias)
+            else:
+                # alpha / rank folded into up once, here, not at every forward.
+                up = update.up.float() * update.multiplier
+                down = update.down.float()
+                if isinstance(module, nn.Linear):
+                    weights = (down.flatten(1), up.flatten(1), None)
+                else:
+                    if down.dim() == 2:
+                        down = down[:, :, None, None]
+                    up = up.reshape(up.shape[0], up.shape[1], 1, 1)
+                    mid = update.mid.float() if update.mid is not None else None
+                    weights = (down, up, mid)
+            self._cache[key] = tuple(None if w is None else w.to(device=device, dtype=dtype) for w in weights)
+        return self._cache[key]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        module = self.module
+        if self.update.is_dense or self.grouped:
+            dense, bias = self._weights(x.device, x.dtype)
+            if isinstance(module, nn.Linear):
+                return F.linear(x, dense, bias)
+            return self._conv(x, dense, bias, groups=module.groups)
+        down, up, mid = self._weights(x.device, x.dtype)
+        if isinstance(module, nn.Linear):
+            return F.linear(F.linear(x, down), up)
+        if mid is None:
+            hidden = self._conv(x, down, None)
+        else:
+            hidden = self._conv(F.conv2d(x, down), mid, None)
+        return F.conv2d(hidden, up)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int = 1) -> Tensor:
+        """A conv with the layer's own stride, padding (and padding mode) and dilation."""
+        module = self.module
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        else:
+            padding = module.padding
+        return F.conv2d(x, weight, bias, module.stride, padding, module.dilation, groups)
