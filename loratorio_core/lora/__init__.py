@@ -1,7 +1,7 @@
 """LoRA files, their mapping onto a model's modules, and the per-row runtime."""
 
 from .binding import BoundLoRA, bind_lora, guess_family
-from .files import LayerUpdate, LoRAFile, LoRAFileError, load_lora, read_safetensors
+from .files import LayerUpdate, LoRAFile, LoRAFileError, load_lora, read_safetensors, save_lora
 from .keymap import layer_aliases
 from .runtime import LoRARuntime, evaluate_entries
 
@@ -17,4 +17,5 @@ __all__ = [
     "layer_aliases",
     "load_lora",
     "read_safetensors",
+    "save_lora",
 ]

@@ -129,6 +129,29 @@ def load_lora(path: str | os.PathLike) -> LoRAFile:
     return LoRAFile(str(path), layers, metadata, unknown)
 
 
+def save_lora(
+    path: str | os.PathLike,
+    layers: dict[tuple[str, str], LayerUpdate],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write low-rank layers as a kohya-format .safetensors file (``lora_unet_*``, ``lora_te1_*``...)."""
+    from safetensors.torch import save_file
+
+    prefixes = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
+    tensors = {}
+    for (component, layer), update in layers.items():
+        if update.is_dense:
+            raise ValueError(f"layer {component}:{layer} is dense; save_lora writes low-rank layers only")
+        key = prefixes[component] + layer
+        tensors[f"{key}.lora_down.weight"] = update.down.contiguous()
+        tensors[f"{key}.lora_up.weight"] = update.up.contiguous()
+        if update.mid is not None:
+            tensors[f"{key}.lora_mid.weight"] = update.mid.contiguous()
+        alpha = update.alpha if update.alpha is not None else update.rank
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha))
+    save_file(tensors, str(path), metadata=metadata)
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All tensors and the metadata of a .safetensors file, after checking its header."""
     path = Path(path)
@@ -272,7 +295,7 @@ _ROLES = {
     ".b2.weight": "refuse:GLoRA",
 }
 _SUFFIXES = sorted(_ROLES, key=len, reverse=True)
-_PEFT_WRAPPERS = ("base_model.model.",)
+_PEFT_WRAPPER = "base_model.model."
 
 
 def _split_key(key: str) -> tuple[str, str, str] | None:
@@ -283,13 +306,12 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
             break
     else:
         return None
-    for wrapper in _PEFT_WRAPPERS:
-        if stem.startswith(wrapper):
-            stem = stem[len(wrapper) :]
+    wrapped = stem.startswith(_PEFT_WRAPPER)
+    stem = stem.removeprefix(_PEFT_WRAPPER)
     found = next(((p, c) for p, c in _COMPONENT_PREFIXES if stem.startswith(p)), None)
     if found is not None:
         stem, component = stem[len(found[0]) :], found[1]
-    elif "." in stem:
+    elif wrapped or "." in stem:
         component = "unet"  # PEFT state dict of a bare denoiser
     else:
         return None
