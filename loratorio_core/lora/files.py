@@ -169,12 +169,16 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
         raise LoRAFileError(path, "is a folder, not a LoRA file") from None
     except OSError as error:
         raise LoRAFileError(path, f"cannot be read ({error.strerror or error})") from None
-    if data[:2] == b"PK" or data[:1] == b"\x80":
+    if len(data) < 8:
+        raise LoRAFileError(path, f"is truncated: {len(data)} bytes, too short for a safetensors header")
+    looks_like_pickle = data[:4] == b"PK\x03\x04" or (
+        data[:1] == b"\x80" and data[1:2] in b"\x02\x03\x04\x05"
+    )
+    if data[8:9] != b"{" and looks_like_pickle:
+        # torch.save writes a zip (PK..) or a raw pickle (0x80, protocol): never unpickled here.
         raise LoRAFileError(
             path, "is a pickle/zip file with a .safetensors name: refused (it could run code)"
         )
-    if len(data) < 8:
-        raise LoRAFileError(path, f"is truncated: {len(data)} bytes, too short for a safetensors header")
     header_size = int.from_bytes(data[:8], "little")
     if header_size > MAX_HEADER_BYTES:
         raise LoRAFileError(
