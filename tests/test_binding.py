@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from loratorio_core.lora import LayerUpdate, LoRAFileError, bind_lora, guess_family, load_lora, save_lora
-from loratorio_core.models import UNetModel, sd15_config, sdxl_config, tiny_config
+from loratorio_core.models import UNetModel, tiny_config
 
-from test_keymap import build, kohya_keys
+from unets import build, kohya_keys
 
 
 def kohya_file(tmp_path, model: nn.Module, name: str, rank: int = 1, text_encoders=()):
