@@ -240,3 +240,17 @@ def test_gradients_flow_through_the_deltas():
     with LoRARuntime(model, small_adapters(model)) as runtime, runtime.rows([(), ((0, 1.0),)]):
         model(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_everywhere_applies_the_adapters_to_every_row_of_any_batch():
+    model = Small().eval()
+    runtime = LoRARuntime(model, small_adapters(model))
+    with torch.no_grad(), runtime:
+        for rows in (1, 3):
+            x = rnd(rows, 4, 5, 5)
+            with runtime.everywhere([(1, 0.5), (2, 1.0)]):
+                together = model(x)
+            with runtime.rows([((1, 0.5), (2, 1.0))] * rows):
+                expected = model(x)
+            torch.testing.assert_close(together, expected)
+        assert not torch.equal(together, model(x))

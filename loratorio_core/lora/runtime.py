@@ -91,38 +91,43 @@ class LoRARuntime:
         finally:
             self._assignment = previous
 
+    @contextmanager
+    def everywhere(self, active: Sequence[tuple[int, float]]):
+        """Within the block, forward passes apply ``active`` (adapter index, scale) pairs to
+        every batch row, whatever the batch size (for a text encoder encoding a prompt)."""
+        if not self._handles:
+            raise RuntimeError("LoRARuntime.everywhere() needs the hooks attached: use `with runtime:` first")
+        previous = self._assignment
+        self._assignment = _Assignment([active], self.num_adapters, every_row=True)
+        try:
+            yield self
+        finally:
+            self._assignment = previous
+
     def _hook(self, name: str, deltas: list[tuple[int, _Delta]]) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             assignment = self._assignment
             if assignment is None or not assignment.groups:
                 return None
             x = args[0]
-            if x.shape[0] != assignment.num_rows:
+            if assignment.num_rows is not None and x.shape[0] != assignment.num_rows:
                 raise RuntimeError(
                     f"LoRAtorio: layer {name} received {x.shape[0]} batch rows, but adapters were "
                     f"assigned for {assignment.num_rows}: evaluate the plan's entries in one call per "
                     f"rows() block"
                 )
-            in_place = not (torch.is_grad_enabled() and output.requires_grad)
+            if torch.is_grad_enabled() and output.requires_grad:
+                output = output.clone()  # the in-place adds below then stay visible to autograd
             for index, delta in deltas:
                 group = assignment.groups.get(index)
                 if group is None:
                     continue
                 if group.rows is not None:
-                    piece = delta(x[group.rows]).to(output.dtype)
-                    if in_place:
-                        output[group.rows].add_(piece, alpha=group.scale)
-                    else:
-                        output = output.index_add(0, group.index(output.device), piece * group.scale)
+                    output[group.rows].add_(delta(x[group.rows]).to(output.dtype), alpha=group.scale)
                 else:
-                    index_rows = group.index(x.device)
+                    rows = group.index(x.device)
                     scales = group.row_scales(x.device, output.dtype).view(-1, *[1] * (x.dim() - 1))
-                    piece = delta(x.index_select(0, index_rows)).to(output.dtype) * scales
-                    output = (
-                        output.index_add_(0, index_rows, piece)
-                        if in_place
-                        else output.index_add(0, index_rows, piece)
-                    )
+                    output.index_add_(0, rows, delta(x.index_select(0, rows)).to(output.dtype) * scales)
             return output
 
         return hook
@@ -186,8 +191,8 @@ class _Group:
 
 
 class _Assignment:
-    def __init__(self, row_adapters: RowAdapters, num_adapters: int):
-        self.num_rows = len(row_adapters)
+    def __init__(self, row_adapters: RowAdapters, num_adapters: int, every_row: bool = False):
+        self.num_rows = None if every_row else len(row_adapters)
         per_adapter: dict[int, tuple[list[int], list[float]]] = {}
         for row, active in enumerate(row_adapters):
             for index, scale in active:
@@ -200,6 +205,9 @@ class _Assignment:
                 scales.append(float(scale))
         self.groups: dict[int, _Group] = {}
         for index, (rows, scales) in per_adapter.items():
+            if every_row:
+                self.groups[index] = _Group(slice(None), scales[0], rows, scales)
+                continue
             contiguous = rows == list(range(rows[0], rows[0] + len(rows))) and len(set(scales)) == 1
             self.groups[index] = _Group(
                 slice(rows[0], rows[-1] + 1) if contiguous else None, scales[0], rows, scales
