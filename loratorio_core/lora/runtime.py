@@ -47,14 +47,11 @@ class LoRARuntime:
                 self._layers.setdefault(name, []).append((index, _Delta(modules[name], update)))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._assignment: _Assignment | None = None
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
+        self.attached = False
 
     def attach(self) -> LoRARuntime:
         """Put the hooks on (once); without ``rows`` they change nothing."""
-        if self._handles:
+        if self.attached:
             return self
         modules = dict(self.model.named_modules())
         try:
@@ -63,6 +60,7 @@ class LoRARuntime:
         except BaseException:
             self.detach()
             raise
+        self.attached = True
         return self
 
     def detach(self) -> None:
@@ -71,6 +69,7 @@ class LoRARuntime:
             handle.remove()
         self._handles.clear()
         self._assignment = None
+        self.attached = False
 
     def __enter__(self) -> LoRARuntime:
         return self.attach()
@@ -82,7 +81,7 @@ class LoRARuntime:
     def rows(self, row_adapters: RowAdapters):
         """Within the block, forward passes apply ``row_adapters[r]`` (adapter index, scale)
         pairs to batch row r. Every forward must have ``len(row_adapters)`` rows."""
-        if not self._handles:
+        if not self.attached:
             raise RuntimeError("LoRARuntime.rows() needs the hooks attached: use `with runtime:` first")
         previous = self._assignment
         self._assignment = _Assignment(row_adapters, self.num_adapters)
@@ -95,7 +94,7 @@ class LoRARuntime:
     def everywhere(self, active: Sequence[tuple[int, float]]):
         """Within the block, forward passes apply ``active`` (adapter index, scale) pairs to
         every batch row, whatever the batch size (for a text encoder encoding a prompt)."""
-        if not self._handles:
+        if not self.attached:
             raise RuntimeError("LoRARuntime.everywhere() needs the hooks attached: use `with runtime:` first")
         previous = self._assignment
         self._assignment = _Assignment([active], self.num_adapters, every_row=True)

@@ -1,0 +1,299 @@
+"""LoRAtorio (and the merge, switch and composite baselines) on a diffusers SD / SDXL pipeline.
+
+The pipeline's own components are used as they are (UNet, text encoders, VAE, any scheduler);
+this module runs the denoising loop: each step the core plans the rows, the per-row runtime
+evaluates them in one UNet call (or ``max_rows`` at a time), and the core combines them. The
+pipeline's weights are never modified: every LoRA acts through hooks that are gone when a call
+returns, also after an error or an interrupt.
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    composer = LoRAtorioDiffusers(pipe, ["character.safetensors", "background.safetensors"], [0.8, 1.0])
+    result = composer("a knight in a forest", steps=30, guidance_scale=7.5, seed=1)
+    result.images[0].save("out.png")
+
+Similarity is always measured on noise predictions: v- and x0-prediction models' outputs are
+converted to eps for the core and back for the scheduler. Text-encoder parts of a LoRA are applied
+per adapter: each LoRA's rows see the prompt as encoded with that LoRA's text-encoder layers
+(encoded once per adapter set and cached per prompt).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from ..config import LoRAtorioConfig
+from ..lora.binding import BoundLoRA, bind_lora
+from ..lora.files import LoRAFile, load_lora
+from ..lora.keymap import layer_aliases
+from ..lora.runtime import LoRARuntime, evaluate_entries
+from ..step import Adapter, StepComposer, StepPlan
+
+__all__ = ["GenerationResult", "LoRAtorioDiffusers", "is_sdxl"]
+
+
+def is_sdxl(pipe) -> bool:
+    """Whether the pipeline is SDXL-shaped (a second text encoder and pooled embeddings)."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+@dataclass
+class GenerationResult:
+    """images: PIL images (or the decoded tensor with output_type='pt'); latents: the final
+    latents; weights: per step, each LoRA's patch weights (N, B, h, w) on the CPU when maps were
+    recorded; kept: per step, the top-k sets; rows: model rows evaluated per step (per sample)."""
+
+    images: list
+    latents: Tensor
+    weights: list[Tensor | None] = field(default_factory=list)
+    kept: list[Tensor | None] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+
+class LoRAtorioDiffusers:
+    """Composes LoRAs on a diffusers pipeline.
+
+    loras: LoRA files (paths or loaded ``LoRAFile``s) in prompt order. scales: their multipliers
+    (1.0 each by default). max_rows: evaluate at most this many UNet rows per call (memory),
+    with identical results. text_encoder_loras: apply the LoRAs' text-encoder layers per
+    adapter (True) or ignore them (False).
+    """
+
+    def __init__(
+        self,
+        pipe,
+        loras: Sequence[LoRAFile | str | os.PathLike],
+        scales: Sequence[float] | None = None,
+        config: LoRAtorioConfig | None = None,
+        *,
+        max_rows: int | None = None,
+        text_encoder_loras: bool = True,
+    ):
+        self.pipe = pipe
+        self.config = config if config is not None else LoRAtorioConfig()
+        self.loras = [lora if isinstance(lora, LoRAFile) else load_lora(lora) for lora in loras]
+        scales = [1.0] * len(self.loras) if scales is None else list(scales)
+        if len(scales) != len(self.loras):
+            raise ValueError(f"scales has {len(scales)} entries for {len(self.loras)} LoRAs")
+        self.adapters = [Adapter(lora.name, float(s)) for lora, s in zip(self.loras, scales, strict=True)]
+        self.max_rows = max_rows
+        self.warnings: list[str] = []
+
+        unet_aliases = layer_aliases(pipe.unet)
+        self.unet_bound = [bind_lora(pipe.unet, lora, "unet", unet_aliases) for lora in self.loras]
+        self.unet_runtime = LoRARuntime(pipe.unet, [b.layers for b in self.unet_bound])
+        self.text_runtimes: list[tuple[str, LoRARuntime]] = []
+        self._text_adapters: set[int] = set()
+        encoders = [("te1", "text_encoder"), ("te2", "text_encoder_2")]
+        for component, attribute in encoders:
+            encoder = getattr(pipe, attribute, None)
+            if encoder is None or not text_encoder_loras:
+                continue
+            aliases = layer_aliases(encoder)
+            bound = [bind_lora(encoder, lora, component, aliases) for lora in self.loras]
+            self._report(bound, attribute)
+            self._text_adapters |= {i for i, b in enumerate(bound) if b.layers}
+            self.text_runtimes.append((attribute, LoRARuntime(encoder, [b.layers for b in bound])))
+        self._report(self.unet_bound, "unet")
+        self._prompt_cache: dict[tuple, dict[str, Tensor]] = {}
+
+    def _report(self, bound: list[BoundLoRA], where: str) -> None:
+        for b in bound:
+            if b.unmatched:
+                self.warnings.append(
+                    f"{b.path}: {len(b.unmatched)} {where} layer(s) match nothing in this model and are "
+                    f"ignored (e.g. {b.unmatched[0]})"
+                )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        *,
+        steps: int = 30,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = 0,
+        num_images_per_prompt: int = 1,
+        record_weights: bool = False,
+        on_step: Callable[[int, int], None] | None = None,
+        output_type: str = "pil",
+    ) -> GenerationResult:
+        pipe = self.pipe
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = (
+            [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        )
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        batch = len(prompts) * num_images_per_prompt
+        cfg = guidance_scale > 1.0
+        unet = pipe.unet
+        device, dtype = unet.device, unet.dtype
+        scale_factor = getattr(pipe, "vae_scale_factor", 8)
+        default = unet.config.sample_size * scale_factor
+        height, width = height or default, width or default
+        if height % scale_factor or width % scale_factor:
+            raise ValueError(f"height and width must be multiples of {scale_factor}; got {height}x{width}")
+
+        generator = torch.Generator("cpu").manual_seed(seed) if seed is not None else None
+        shape = (batch, unet.config.in_channels, height // scale_factor, width // scale_factor)
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(steps, device=device)
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+        latents = latents * scheduler.init_noise_sigma
+        composer = StepComposer(self.config)
+        result = GenerationResult(images=[], latents=latents)
+        kept = None
+        with ExitStack() as attached:
+            for runtime in (self.unet_runtime, *(r for _, r in self.text_runtimes)):
+                attached.enter_context(runtime)
+            conditioning = self._conditioning_table(
+                prompts, negatives, num_images_per_prompt, cfg, (height, width)
+            )
+            for index, t in enumerate(scheduler.timesteps):
+                plan = composer.plan(index, self.adapters, batch_size=batch, cfg=cfg, kept=kept)
+                scaled = scheduler.scale_model_input(latents, t)
+                batched = self._entry_inputs(plan, scaled, conditioning)
+                output = evaluate_entries(
+                    partial(_unet_output, unet, t),
+                    self.unet_runtime,
+                    plan.entry_adapters,
+                    batched,
+                    max_rows=self.max_rows,
+                )
+                to_eps, from_eps = _prediction_space(scheduler, t, index)
+                step = composer.combine(plan, to_eps(output, batched["x"]), guidance_scale if cfg else None)
+                kept = step.kept
+                latents = scheduler.step(from_eps(step.eps, scaled), t, latents, return_dict=False)[0]
+                result.rows.append(len(plan.rows))
+                result.kept.append(None if step.kept is None else step.kept.cpu())
+                result.weights.append(
+                    step.weights.float().cpu() if record_weights and step.weights is not None else None
+                )
+                if on_step is not None:
+                    on_step(index + 1, len(scheduler.timesteps))
+        result.latents = latents
+        result.images = self._decode(latents, output_type)
+        return result
+
+    # --- conditioning --------------------------------------------------------------------------
+
+    def _text_key(self, adapters: tuple[tuple[int, float], ...]) -> tuple:
+        """The part of a row's adapter set that changes its text conditioning."""
+        return tuple((i, s) for i, s in adapters if i in self._text_adapters)
+
+    def _conditioning_table(self, prompts, negatives, repeat, cfg, size) -> dict:
+        """Encoded prompts per text-adapter set the plan can ask for (cached per prompt)."""
+        keys = {()}
+        for i, adapter in enumerate(self.adapters):
+            keys.add(self._text_key(((i, adapter.scale),)))
+        if self.config.mode == "merge":
+            keys.add(self._text_key(tuple((i, a.scale) for i, a in enumerate(self.adapters))))
+        table = {}
+        for key in keys:
+            cache_key = (tuple(prompts), tuple(negatives), repeat, cfg, size, key)
+            if cache_key not in self._prompt_cache:
+                self._prompt_cache[cache_key] = self._encode(prompts, negatives, repeat, cfg, size, key)
+            table[key] = self._prompt_cache[cache_key]
+        return table
+
+    def _encode(self, prompts, negatives, repeat, cfg, size, key) -> dict[str, Tensor]:
+        pipe, device = self.pipe, self.pipe.unet.device
+        with ExitStack() as active:
+            for _, runtime in self.text_runtimes:
+                active.enter_context(runtime.everywhere(key))
+            if is_sdxl(pipe):
+                # As the pipeline itself does: an empty negative prompt may mean zero embeddings.
+                no_negative = not any(negatives) and getattr(
+                    pipe.config, "force_zeros_for_empty_prompt", False
+                )
+                cond, uncond, pooled, pooled_uncond = pipe.encode_prompt(
+                    prompt=prompts,
+                    device=device,
+                    num_images_per_prompt=repeat,
+                    do_classifier_free_guidance=cfg,
+                    negative_prompt=None if no_negative else negatives,
+                )
+                height, width = size
+                time_ids = torch.tensor(
+                    [[height, width, 0, 0, height, width]], device=device, dtype=cond.dtype
+                )
+                encoded = {
+                    "cond": cond,
+                    "cond_pooled": pooled,
+                    "time_ids": time_ids.expand(cond.shape[0], -1),
+                }
+                if cfg:
+                    encoded.update(uncond=uncond, uncond_pooled=pooled_uncond)
+                return encoded
+            cond, uncond = pipe.encode_prompt(prompts, device, repeat, cfg, negatives)
+            return {"cond": cond, "uncond": uncond} if cfg else {"cond": cond}
+
+    def _entry_inputs(self, plan: StepPlan, scaled: Tensor, table: dict) -> dict:
+        """The UNet inputs of every entry of the plan, in entry order."""
+        contexts, pooled, time_ids = [], [], []
+        for row in plan.rows:
+            encoded = table[self._text_key(row.adapters)]
+            samples = list(row.samples)
+            contexts.append(encoded[row.branch][samples])
+            if "time_ids" in encoded:
+                pooled.append(encoded[f"{row.branch}_pooled"][samples])
+                time_ids.append(encoded["time_ids"][samples])
+        batched = {"x": scaled[plan.sample_index.to(scaled.device)], "context": torch.cat(contexts)}
+        if pooled:
+            batched.update(text_embeds=torch.cat(pooled), time_ids=torch.cat(time_ids))
+        return batched
+
+    def _decode(self, latents: Tensor, output_type: str):
+        pipe = self.pipe
+        if output_type == "latent":
+            return [latents]
+        vae = pipe.vae
+        needs_upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        decode_dtype = torch.float32 if needs_upcast else vae.dtype
+        if needs_upcast:
+            vae.to(torch.float32)
+        try:
+            image = vae.decode(latents.to(decode_dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        finally:
+            if needs_upcast:
+                vae.to(torch.float16)
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def _unet_output(unet, t, x: Tensor, context: Tensor, **added: Tensor) -> Tensor:
+    return unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added or None).sample
+
+
+def _prediction_space(scheduler, t, index: int) -> tuple[Callable, Callable]:
+    """(model output -> eps, eps -> model output) for the scheduler's prediction type.
+
+    Both use the model's own input x (the scaled latent, sqrt(a) x0 + sqrt(1 - a) eps) and the
+    step's alpha-bar a: from the sigma the scheduler uses when it has one, else from the
+    schedule at timestep t.
+    """
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return (lambda out, x: out), (lambda eps, x: eps)
+    sigmas = getattr(scheduler, "sigmas", None)
+    step_index = getattr(scheduler, "step_index", None)
+    if sigmas is not None and step_index is not None:
+        sigma = float(sigmas[step_index])
+        alpha_bar = 1.0 / (1.0 + sigma * sigma)
+    else:
+        alpha_bar = float(scheduler.alphas_cumprod[int(t)])
+    a, b = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+    if kind == "v_prediction":
+        return (lambda v, x: a * v + b * x), (lambda eps, x: (eps - b * x) / a)
+    if kind == "sample":
+        return (lambda x0, x: (x - a * x0) / b), (lambda eps, x: (x - b * eps) / a)
+    raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
