@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from .config import LoRAtorioConfig
+from .generate import add_arguments, run_generate
 from .step import Adapter, StepComposer
 
 
@@ -95,13 +96,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="compose three synthetic LoRAs with every mode and print the result")
     demo.add_argument("--patch-size", type=int, default=4)
     demo.add_argument("--temperature", type=float, default=0.01)
+    generate = sub.add_parser("generate", help="compose LoRAs on a diffusers SD/SDXL model and write a PNG")
+    add_arguments(generate)
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
             print(run_demo(args.patch_size, args.temperature))
-    except ValueError as error:
+        elif args.command == "generate":
+            for path in run_generate(args):
+                print(path)
+    except (ValueError, OSError) as error:  # UsageError, LoRAFileError, bad settings, unwritable output
         print(f"loratorio: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("loratorio: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

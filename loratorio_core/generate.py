@@ -1,0 +1,306 @@
+"""``loratorio generate``: compose LoRAs on a diffusers model from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+from .config import MODES, UPSAMPLE_MODES, LoRAtorioConfig
+from .lora.files import PICKLE_SUFFIXES
+
+
+class UsageError(ValueError):
+    """Bad command-line input: printed as one line, exit status 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a diffusers model folder, or a single-file .safetensors checkpoint")
+    parser.add_argument("--prompt", "-p", required=True)
+    parser.add_argument("--negative", "-n", default="", help="negative prompt")
+    parser.add_argument(
+        "--lora",
+        "-l",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="a LoRA .safetensors file and its scale (default 1.0); repeat for each LoRA",
+    )
+    parser.add_argument("--pool", metavar="DIR", help="add every .safetensors LoRA in DIR (use with --top-k)")
+    parser.add_argument("--pool-scale", type=float, default=1.0, help="scale of the pool's LoRAs")
+    parser.add_argument(
+        "--top-k", type=int, help="dynamic selection: keep the K most relevant LoRAs per image"
+    )
+    parser.add_argument("--reselect-every", type=int, default=1, help="steps between top-k selections")
+    parser.add_argument("--mode", choices=MODES, default="loratorio")
+    defaults = LoRAtorioConfig()
+    parser.add_argument("--patch-size", type=int, default=defaults.patch_size)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument(
+        "--recenter", type=float, default=defaults.recenter, help="lam of the re-centred uncond"
+    )
+    parser.add_argument("--upsample", choices=UPSAMPLE_MODES, default=defaults.upsample)
+    parser.add_argument("--switch-every", type=int, default=defaults.switch_every)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--guidance", "--cfg", type=float, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--batch", type=int, default=1, help="images per prompt")
+    parser.add_argument("--device", default="auto", help="cuda, cpu, mps... (auto: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--max-rows", type=int, help="at most this many UNet rows per forward (memory)")
+    parser.add_argument(
+        "--no-text-encoder-loras", action="store_true", help="ignore the LoRAs' text-encoder layers"
+    )
+    parser.add_argument("--output", "-o", default="loratorio.png", help="PNG path (numbered for --batch > 1)")
+    parser.add_argument(
+        "--maps", action="store_true", help="also write each LoRA's weight map over the steps"
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def parse_lora(spec: str) -> tuple[Path, float]:
+    """``FILE[:SCALE]`` -> (path, scale); also for Windows paths (``C:\\x.safetensors:0.8``)."""
+    path, scale = spec, 1.0
+    if ":" in spec:
+        head, tail = spec.rsplit(":", 1)
+        try:
+            scale = float(tail)
+            path = head
+        except ValueError:
+            if "/" not in tail and "\\" not in tail and "." not in tail:
+                raise UsageError(f"--lora {spec}: {tail!r} is not a scale (write FILE:0.8)") from None
+    if not math.isfinite(scale):
+        raise UsageError(f"--lora {spec}: the scale must be a finite number")
+    return Path(path), scale
+
+
+def collect_loras(args) -> list[tuple[Path, float]]:
+    loras = [parse_lora(spec) for spec in args.lora]
+    if args.pool:
+        pool = Path(args.pool)
+        if not pool.is_dir():
+            raise UsageError(f"--pool {pool}: no such folder")
+        files = sorted(pool.glob("*.safetensors"))
+        if not files:
+            raise UsageError(f"--pool {pool}: holds no .safetensors LoRA")
+        loras += [(f, args.pool_scale) for f in files]
+    for path, _ in loras:
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise UsageError(f"{path}: a pickle LoRA ({path.suffix}) can run code; use a .safetensors file")
+        if not path.is_file():
+            raise UsageError(f"{path}: no such LoRA file")
+    return loras
+
+
+def build_config(args) -> LoRAtorioConfig:
+    try:
+        return LoRAtorioConfig(
+            mode=args.mode,
+            patch_size=args.patch_size,
+            temperature=args.temperature,
+            recenter=args.recenter,
+            top_k=args.top_k,
+            reselect_every=args.reselect_every,
+            upsample=args.upsample,
+            switch_every=args.switch_every,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def load_pipeline(model: str, device: str, dtype: str):
+    """A diffusers SD or SDXL pipeline from a folder or a single .safetensors file."""
+    try:
+        import diffusers
+        import torch
+    except ImportError:
+        raise UsageError("generate needs diffusers: pip install 'loratorio[diffusers]'") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    # Loading bars and advice from diffusers/transformers would bury our one-line messages.
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    path = Path(model)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise UsageError(f"{path}: pickle checkpoints can run code; use a .safetensors checkpoint")
+    try:
+        with warnings.catch_warnings():
+            # diffusers >= 0.36 renames torch_dtype (older ones need it): not the user's concern.
+            warnings.simplefilter("ignore", FutureWarning)
+            if path.is_dir():
+                if not (path / "model_index.json").is_file():
+                    raise UsageError(f"{path}: not a diffusers model folder (no model_index.json)")
+                pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype)
+            elif path.is_file():
+                keys = _checkpoint_keys(path)
+                xl = any(k.startswith("conditioner.embedders.1") for k in keys)
+                cls = diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
+                pipe = cls.from_single_file(str(path), torch_dtype=torch_dtype)
+            else:
+                raise UsageError(f"{path}: no such model folder or file")
+    except UsageError:
+        raise
+    except Exception as error:  # diffusers raises many kinds; one clear line is what a user needs
+        raise UsageError(
+            f"{path}: cannot be loaded as a diffusers SD/SDXL pipeline ({_first_line(error)})"
+        ) from None
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
+        raise UsageError(
+            f"{path}: {type(pipe).__name__} is not a Stable Diffusion / SDXL pipeline with a UNet"
+        )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if size > 100 * 1024 * 1024:
+            raise UsageError(f"{path}: not a safetensors checkpoint (corrupt header)")
+        try:
+            return list(json.loads(f.read(size)))
+        except ValueError:
+            raise UsageError(f"{path}: not a safetensors checkpoint (corrupt header)") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def infotext(
+    args, config: LoRAtorioConfig, names: list[tuple[str, float]], scheduler: str, size, kept
+) -> str:
+    """A1111-style parameters text, so WebUIs read the settings back."""
+    settings = [
+        f"Steps: {args.steps}",
+        f"Sampler: {scheduler}",
+        f"CFG scale: {args.guidance:g}",
+        f"Seed: {args.seed}",
+        f"Size: {size[1]}x{size[0]}",
+        f"Model: {Path(args.model).stem}",
+        f"LoRAtorio mode: {config.mode}",
+        f"LoRAtorio patch size: {config.patch_size}",
+        f"LoRAtorio temperature: {config.temperature:g}",
+        f"LoRAtorio recenter: {config.recenter:g}",
+    ]
+    if config.top_k is not None:
+        settings += [f"LoRAtorio top-k: {config.top_k}", f"LoRAtorio reselect every: {config.reselect_every}"]
+    if kept:
+        settings.append(f'LoRAtorio kept: "{", ".join(kept)}"')
+    lora_tags = " ".join(f"<lora:{name}:{scale:g}>" for name, scale in names)
+    prompt = f"{args.prompt} {lora_tags}".strip()
+    negative = f"\nNegative prompt: {args.negative}" if args.negative else ""
+    return f"{prompt}{negative}\n{', '.join(settings)}"
+
+
+def run_generate(args) -> list[Path]:
+    from .integrations.diffusers import LoRAtorioDiffusers
+    from .maps import weight_map_sheet
+
+    config = build_config(args)
+    loras = collect_loras(args)
+    if args.top_k is not None and args.top_k > len(loras):
+        raise UsageError(f"--top-k {args.top_k} is more than the {len(loras)} LoRAs given")
+    for value, name in ((args.steps, "--steps"), (args.batch, "--batch")):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1")
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    composer = LoRAtorioDiffusers(
+        pipe,
+        [path for path, _ in loras],
+        [scale for _, scale in loras],
+        config,
+        max_rows=args.max_rows,
+        text_encoder_loras=not args.no_text_encoder_loras,
+    )
+    for warning in composer.warnings:
+        print(f"loratorio: warning: {warning}", file=sys.stderr)
+    progress = _progress(args.steps, args.quiet)
+    try:
+        result = composer(
+            args.prompt,
+            args.negative,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            height=args.height,
+            width=args.width,
+            seed=args.seed,
+            num_images_per_prompt=args.batch,
+            record_weights=args.maps,
+            on_step=progress,
+        )
+    finally:
+        progress.close()
+    from PIL.PngImagePlugin import PngInfo
+
+    names = [(a.name, a.scale) for a in composer.adapters]
+    size = (result.images[0].height, result.images[0].width)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for b, image in enumerate(result.images):
+        path = (
+            output
+            if len(result.images) == 1
+            else output.with_name(f"{output.stem}-{b}{output.suffix or '.png'}")
+        )
+        kept = []
+        if result.kept and result.kept[-1] is not None:
+            kept = [names[i][0] for i in range(len(names)) if bool(result.kept[-1][i, b])]
+        info = PngInfo()
+        info.add_text("parameters", infotext(args, config, names, type(pipe.scheduler).__name__, size, kept))
+        info.add_text("loratorio", json.dumps({"config": config.__dict__, "loras": names, "seed": args.seed}))
+        image.save(path, pnginfo=info)
+        written.append(path)
+        if args.maps and result.weights and result.weights[0] is not None:
+            maps_path = path.with_name(f"{path.stem}_maps.png")
+            weight_map_sheet(image, result.weights, [n for n, _ in names], sample=b).save(maps_path)
+            written.append(maps_path)
+    return written
+
+
+class _progress:
+    """A tqdm bar on stderr (a plain line per step without tqdm)."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.bar = None
+        self.quiet = quiet
+        if not quiet:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="loratorio", unit="step", file=sys.stderr)
+            except ImportError:
+                self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+        else:
+            print(f"step {done}/{total}", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+__all__ = ["UsageError", "add_arguments", "parse_lora", "run_generate"]

@@ -1,0 +1,162 @@
+"""``loratorio generate``: the PNG, its metadata, the maps, and one clear line for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from loratorio_core.cli import main
+from loratorio_core.generate import parse_lora
+
+from test_diffusers_integration import random_lora
+from tiny_pipes import tiny_sd, tiny_sdxl
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    pipe = tiny_sd(folder / "src")
+    pipe.save_pretrained(folder / "sd")
+    for i in range(3):
+        random_lora(folder / f"lora{i}.safetensors", pipe, seed=i, text_encoder=i == 0)
+    return folder
+
+
+def run(capsys, *args):
+    code = main(["generate", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_generate_writes_the_png_with_its_settings_and_the_weight_maps(model_folder, tmp_path, capsys):
+    out = tmp_path / "out" / "knight.png"
+    code, stdout, err = run(
+        capsys,
+        model_folder / "sd",
+        "--prompt",
+        "a knight",
+        "--negative",
+        "blurry",
+        "--lora",
+        f"{model_folder / 'lora0.safetensors'}:0.8",
+        "--lora",
+        model_folder / "lora1.safetensors",
+        "--steps",
+        3,
+        "--width",
+        16,
+        "--height",
+        16,
+        "--seed",
+        7,
+        "--output",
+        out,
+        "--maps",
+        "--quiet",
+    )
+    assert code == 0, err
+    assert stdout.split() == [str(out), str(out.with_name("knight_maps.png"))]
+    image = Image.open(out)
+    assert image.size == (16, 16)
+    parameters = image.text["parameters"]
+    assert parameters.startswith("a knight <lora:lora0:0.8> <lora:lora1:1>\nNegative prompt: blurry\n")
+    assert "Steps: 3" in parameters and "Seed: 7" in parameters and "LoRAtorio mode: loratorio" in parameters
+    settings = json.loads(image.text["loratorio"])
+    assert settings["loras"] == [["lora0", 0.8], ["lora1", 1.0]] and settings["config"]["patch_size"] == 4
+    maps = Image.open(out.with_name("knight_maps.png"))
+    assert maps.width == 4 * 160 and maps.height == 2 * (160 + 14)  # the result + 3 steps, 2 LoRAs
+
+
+def test_generate_with_a_pool_records_the_kept_loras_per_image(model_folder, tmp_path, capsys):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(3):
+        (pool / f"p{i}.safetensors").write_bytes((model_folder / f"lora{i}.safetensors").read_bytes())
+    out = tmp_path / "pool.png"
+    code, stdout, err = run(
+        capsys,
+        model_folder / "sd",
+        "-p",
+        "a knight",
+        "--pool",
+        pool,
+        "--top-k",
+        2,
+        "--steps",
+        2,
+        "--width",
+        16,
+        "--height",
+        16,
+        "--batch",
+        2,
+        "--output",
+        out,
+        "--quiet",
+    )
+    assert code == 0, err
+    files = stdout.split()
+    assert files == [str(tmp_path / "pool-0.png"), str(tmp_path / "pool-1.png")]
+    for file in files:
+        kept = Image.open(file).text["parameters"].split('LoRAtorio kept: "')[1].split('"')[0]
+        assert len(kept.split(", ")) == 2
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        (["--lora", "missing.safetensors"], "missing.safetensors: no such LoRA file"),
+        (["--lora", "style.ckpt"], "pickle LoRA"),
+        (["--lora", "{lora}:abc"], "is not a scale"),
+        (["--lora", "{lora}:nan"], "finite"),
+        (["--temperature", "0"], "temperature"),
+        (["--top-k", "3", "--lora", "{lora}"], "--top-k 3 is more than the 1 LoRAs"),
+        (["--lora", "{xl}"], "xl.safetensors"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_clear_line(model_folder, tmp_path, capsys, extra, fragment):
+    xl = tmp_path / "xl.safetensors"
+    if any("{xl}" in e for e in extra):
+        random_lora(xl, tiny_sdxl(tmp_path / "xlpipe"), seed=0)
+    extra = [e.format(lora=model_folder / "lora1.safetensors", xl=xl) for e in extra]
+    code, _, err = run(
+        capsys,
+        model_folder / "sd",
+        "-p",
+        "x",
+        "--steps",
+        1,
+        "--width",
+        16,
+        "--height",
+        16,
+        "--quiet",
+        "--output",
+        tmp_path / "o.png",
+        *extra,
+    )
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("loratorio: ") and fragment in lines[0], err
+
+
+def test_a_missing_or_foreign_model_is_one_clear_line(tmp_path, capsys):
+    code, _, err = run(capsys, tmp_path / "nowhere", "-p", "x", "--quiet")
+    assert code == 2 and "no such model folder or file" in err
+    (tmp_path / "notamodel").mkdir()
+    code, _, err = run(capsys, tmp_path / "notamodel", "-p", "x", "--quiet")
+    assert code == 2 and "no model_index.json" in err and len(err.strip().splitlines()) == 1
+    torch.save({}, tmp_path / "model.ckpt")
+    code, _, err = run(capsys, tmp_path / "model.ckpt", "-p", "x", "--quiet")
+    assert code == 2 and "pickle checkpoints" in err
+
+
+def test_lora_specs_parse_paths_and_scales():
+    assert parse_lora("a.safetensors") == (parse_lora("a.safetensors")[0], 1.0)
+    assert parse_lora("dir/a.safetensors:0.5")[1] == 0.5
+    path, scale = parse_lora("C:\\loras\\a.safetensors:-0.3")
+    assert str(path) == "C:\\loras\\a.safetensors" and scale == -0.3
+    assert str(parse_lora("C:\\loras\\a.safetensors")[0]) == "C:\\loras\\a.safetensors"
