@@ -20,3 +20,12 @@ def test_bench_core_prints_its_table(capsys):
     out = capsys.readouterr().out
     assert "core/step" in out and "worst core/step" in out
     assert len([line for line in out.splitlines() if line.startswith("tiny")]) == 2
+
+
+def test_bench_step_prints_its_table(capsys):
+    load("bench_step").main(
+        ["--device", "cpu", "--repeats", "1", "--loras", "1", "--latent", "8", "--skip-diffusers"]
+    )
+    out = capsys.readouterr().out
+    assert "ours/floor" in out and "seq/ours" in out
+    assert len([line for line in out.splitlines() if line.startswith("tiny")]) == 1

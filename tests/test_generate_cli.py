@@ -160,3 +160,14 @@ def test_lora_specs_parse_paths_and_scales():
     path, scale = parse_lora("C:\\loras\\a.safetensors:-0.3")
     assert str(path) == "C:\\loras\\a.safetensors" and scale == -0.3
     assert str(parse_lora("C:\\loras\\a.safetensors")[0]) == "C:\\loras\\a.safetensors"
+
+
+def test_a_single_file_checkpoint_that_cannot_load_is_one_clear_line(tmp_path, capsys):
+    import safetensors.torch
+
+    path = tmp_path / "xl.safetensors"
+    safetensors.torch.save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(4)}, str(path))
+    code, _, err = run(capsys, path, "-p", "x", "--quiet")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "cannot be loaded as a diffusers SD/SDXL pipeline" in lines[0]
