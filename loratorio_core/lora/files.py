@@ -216,6 +216,13 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     for (_, end, key), (begin, _, other) in zip(spans, spans[1:], strict=False):
         if begin < end:
             raise LoRAFileError(path, f"has tensors {key!r} and {other!r} sharing bytes: corrupt header")
+    covered = sum(end - begin for begin, end, _ in spans)
+    if covered != len(body):
+        # The format indexes every data byte; a gap means the header and data are out of step.
+        raise LoRAFileError(
+            path,
+            f"its header accounts for {covered} of its {len(body)} data bytes: corrupt or truncated file",
+        )
     return tensors, dict(metadata)
 
 
