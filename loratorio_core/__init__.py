@@ -7,7 +7,7 @@ sampler) call in; nothing here imports them.
 
 from .config import MODES, UPSAMPLE_MODES, LoRAtorioConfig
 from .guidance import denoised_from_eps, eps_from_denoised, guided, recentered_uncond
-from .step import Adapter, Row, StepComposer, StepPlan, StepResult
+from .step import Adapter, CondResult, Row, StepComposer, StepPlan, StepResult
 from .weighting import (
     compose,
     mean_divergence,
@@ -24,6 +24,7 @@ __all__ = [
     "MODES",
     "UPSAMPLE_MODES",
     "Adapter",
+    "CondResult",
     "LoRAtorioConfig",
     "Row",
     "StepComposer",

@@ -112,6 +112,12 @@ class StepPlan:
         """(adapter index, scale) pairs active on each entry."""
         return tuple(row.adapters for row in self.rows for _ in row.samples)
 
+    @property
+    def num_cond_entries(self) -> int:
+        """The cond entries come first: entries [0, num_cond_entries) are cond, the rest uncond."""
+        first_uncond = next((r for r, row in enumerate(self.rows) if row.branch == UNCOND), len(self.rows))
+        return self._offsets[first_uncond]
+
     def row_slice(self, row: int) -> slice:
         """The entries of one row."""
         return slice(self._offsets[row], self._offsets[row + 1])
@@ -137,6 +143,22 @@ class StepResult:
     weights: Tensor | None
     kept: Tensor | None
     divergence: Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
+class CondResult:
+    """The cond branch of a step, which the uncond branch reuses (``combine_uncond``).
+
+    cond: (B, C, H, W) the composed cond prediction. weights, kept, divergence: as in
+    ``StepResult``. weights_up: (U, B, 1, H, W) the pixel weights of ``plan.evaluated``
+    (LoRAtorio mode; None otherwise).
+    """
+
+    cond: Tensor
+    weights: Tensor | None
+    kept: Tensor | None
+    divergence: Tensor | None
+    weights_up: Tensor | None = None
 
 
 class StepComposer:
@@ -236,13 +258,7 @@ class StepComposer:
         guidance_scale: the CFG scale; required when the plan has uncond rows, and must be
         None (or 1) when it has none.
         """
-        if plan.config != self.config:
-            raise ValueError("plan was made by a StepComposer with another config")
-        if predictions.dim() != 4 or predictions.shape[0] != plan.num_entries:
-            raise ValueError(
-                f"predictions must be (E, C, H, W) with E = {plan.num_entries} entries of the "
-                f"plan; got shape {tuple(predictions.shape)}"
-            )
+        self._check(plan, predictions, plan.num_entries, "E", "entries")
         if plan.cfg and guidance_scale is None:
             raise ValueError("guidance_scale is required: the plan has uncond rows (cfg=True)")
         if not plan.cfg and guidance_scale not in (None, 1, 1.0):
@@ -250,17 +266,65 @@ class StepComposer:
                 f"guidance_scale must be None or 1 for a plan without uncond rows (cfg=False); "
                 f"got {guidance_scale!r}: plan with cfg=True to guide"
             )
-        read = _Reader(plan, predictions)
+        split = plan.num_cond_entries
+        cond = self.combine_cond(plan, predictions[:split])
+        if not plan.cfg:
+            return StepResult(cond.cond, cond.cond, None, cond.weights, cond.kept, cond.divergence)
+        uncond = self.combine_uncond(plan, predictions[split:], cond)
+        eps = guided(cond.cond, uncond, float(guidance_scale))
+        return StepResult(eps, cond.cond, uncond, cond.weights, cond.kept, cond.divergence)
+
+    def combine_cond(self, plan: StepPlan, predictions: Tensor) -> CondResult:
+        """The cond branch alone, for hosts whose cond and uncond rows arrive in separate calls.
+
+        predictions: (E_c, C, H, W), the plan's first ``num_cond_entries`` entries.
+        """
+        self._check(plan, predictions, plan.num_cond_entries, "E_c", "cond entries")
+        read = _Reader(plan, predictions, 0)
         if not plan.adapters:
-            return _plain(plan, read, BASE, guidance_scale, weights=_empty_weights(plan, read))
+            return CondResult(read.one(COND, BASE), _empty_weights(plan, read), None, None)
         mode = plan.config.mode
         if mode == "merge":
-            return _plain(plan, read, MERGED, guidance_scale, weights=None)
+            return CondResult(read.one(COND, MERGED), None, None, None)
         if mode == "switch":
-            return _plain(plan, read, plan.evaluated[0], guidance_scale, weights=_one_hot(plan, read))
+            return CondResult(read.one(COND, plan.evaluated[0]), _one_hot(plan, read), None, None)
         if mode == "composite":
-            return _composite(plan, read, guidance_scale)
-        return _loratorio(plan, read, guidance_scale)
+            n = len(plan.adapters)
+            grid = patch_grid(read.size, plan.config.patch_size)
+            uniform = torch.full((n, plan.batch_size, *grid), 1.0 / n, device=predictions.device)
+            return CondResult(_mean(read.stack(COND, range(n))), uniform, None, None)
+        return _loratorio_cond(plan, read)
+
+    def combine_uncond(self, plan: StepPlan, predictions: Tensor, cond: CondResult) -> Tensor:
+        """The uncond branch, with the weights the cond branch of the same step computed.
+
+        predictions: (E - E_c, C, H, W), the plan's entries after its cond entries. -> (B, C, H, W).
+        """
+        if not plan.cfg:
+            raise ValueError("the plan has no uncond rows (cfg=False)")
+        self._check(plan, predictions, plan.num_entries - plan.num_cond_entries, "E_u", "uncond entries")
+        read = _Reader(plan, predictions, plan.num_cond_entries)
+        if not plan.adapters:
+            return read.one(UNCOND, BASE)
+        mode = plan.config.mode
+        if mode == "merge":
+            return read.one(UNCOND, MERGED)
+        if mode == "switch":
+            return read.one(UNCOND, plan.evaluated[0])
+        if mode == "composite":
+            return _mean(read.stack(UNCOND, range(len(plan.adapters))))
+        config = plan.config
+        lora_uncond = read.stack(UNCOND, plan.evaluated) if config.recenter < 1.0 else None
+        return recentered_uncond(read.one(UNCOND, BASE), lora_uncond, cond.weights_up, config.recenter)
+
+    def _check(self, plan: StepPlan, predictions: Tensor, count: int, symbol: str, what: str) -> None:
+        if plan.config != self.config:
+            raise ValueError("plan was made by a StepComposer with another config")
+        if predictions.dim() != 4 or predictions.shape[0] != count:
+            raise ValueError(
+                f"predictions must be ({symbol}, C, H, W) with {symbol} = {count} {what} of the "
+                f"plan; got shape {tuple(predictions.shape)}"
+            )
 
 
 def _adapter(spec: Adapter | tuple[str, float], index: int) -> Adapter:
@@ -298,53 +362,36 @@ def _schedule_top_k(
 class _Reader:
     """Reads the rows of a plan back out of the stacked (E, C, H, W) predictions."""
 
-    def __init__(self, plan: StepPlan, predictions: Tensor) -> None:
+    def __init__(self, plan: StepPlan, predictions: Tensor, offset: int) -> None:
         self.plan = plan
         self.predictions = predictions
+        self.offset = offset  # the plan entry that predictions[0] holds
         self.size = tuple(predictions.shape[2:])
+
+    def entries(self, row: int) -> slice:
+        whole = self.plan.row_slice(row)
+        return slice(whole.start - self.offset, whole.stop - self.offset)
 
     def one(self, branch: str, key: object) -> Tensor:
         """(B, C, H, W) of a row that covers every sample."""
-        return self.predictions[self.plan.row_slice(self.plan._row_of[(branch, key)])]
+        return self.predictions[self.entries(self.plan._row_of[(branch, key)])]
 
     def stack(self, branch: str, adapters: Sequence[int]) -> Tensor:
         """(U, B, C, H, W) of the adapters' rows; zeros where a row skips a sample."""
         plan, b = self.plan, self.plan.batch_size
         rows = [plan._row_of[(branch, i)] for i in adapters]
-        first, last = plan.row_slice(rows[0]).start, plan.row_slice(rows[-1]).stop
+        first, last = self.entries(rows[0]).start, self.entries(rows[-1]).stop
         if rows == list(range(rows[0], rows[0] + len(rows))) and last - first == len(rows) * b:
             # Consecutive full rows: a view, no copy.
             return self.predictions[first:last].unflatten(0, (len(rows), b))
         out = self.predictions.new_zeros((len(rows), b, *self.predictions.shape[1:]))
         for u, r in enumerate(rows):
             samples = torch.tensor(plan.rows[r].samples, device=out.device)
-            out[u].index_copy_(0, samples, self.predictions[plan.row_slice(r)])
+            out[u].index_copy_(0, samples, self.predictions[self.entries(r)])
         return out
 
 
-def _finish(cond: Tensor, uncond: Tensor | None, scale: float | None) -> Tensor:
-    return guided(cond, uncond, float(scale)) if uncond is not None else cond
-
-
-def _plain(plan, read, key, scale, *, weights) -> StepResult:
-    cond = read.one(COND, key)
-    uncond = read.one(UNCOND, key) if plan.cfg else None
-    return StepResult(_finish(cond, uncond, scale), cond, uncond, weights, None, None)
-
-
-def _composite(plan: StepPlan, read: _Reader, scale: float | None) -> StepResult:
-    n = len(plan.adapters)
-    cond = _mean(read.stack(COND, range(n)))
-    uncond = _mean(read.stack(UNCOND, range(n))) if plan.cfg else None
-    weights = torch.full(
-        (n, plan.batch_size, *patch_grid(read.size, plan.config.patch_size)),
-        1.0 / n,
-        device=cond.device,
-    )
-    return StepResult(_finish(cond, uncond, scale), cond, uncond, weights, None, None)
-
-
-def _loratorio(plan: StepPlan, read: _Reader, scale: float | None) -> StepResult:
+def _loratorio_cond(plan: StepPlan, read: _Reader) -> CondResult:
     config, n, b = plan.config, len(plan.adapters), plan.batch_size
     used = list(plan.evaluated)
     base_cond = read.one(COND, BASE)
@@ -359,10 +406,6 @@ def _loratorio(plan: StepPlan, read: _Reader, scale: float | None) -> StepResult
     weights = softmin_weights(similarity, config.temperature, keep)
     weights_up = upsample_weights(weights, read.size, config.patch_size, config.upsample)
     cond = compose(lora_cond, weights_up)
-    uncond = None
-    if plan.cfg:
-        lora_uncond = read.stack(UNCOND, used) if config.recenter < 1.0 else None
-        uncond = recentered_uncond(read.one(UNCOND, BASE), lora_uncond, weights_up, config.recenter)
 
     device = similarity.device
     index = torch.tensor(used, device=device)
@@ -376,7 +419,7 @@ def _loratorio(plan: StepPlan, read: _Reader, scale: float | None) -> StepResult
     if config.top_k is not None:
         in_force = keep if keep is not None else torch.ones(len(used), b, dtype=torch.bool)
         kept = torch.zeros(n, b, dtype=torch.bool, device=device).index_copy_(0, index, in_force.to(device))
-    return StepResult(_finish(cond, uncond, scale), cond, uncond, all_weights, kept, all_divergence)
+    return CondResult(cond, all_weights, kept, all_divergence, weights_up)
 
 
 def _mean(stack: Tensor) -> Tensor:

@@ -417,3 +417,39 @@ def test_denoising_through_plan_rows_combine_matches_the_steps_written_by_hand(c
         hand = denoise_by_hand(model, config, adapters, x, cond, uncond, 5, scale)
     torch.testing.assert_close(ours, hand, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(ours, x)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoRAtorioConfig(recenter=0.5),
+        LoRAtorioConfig(recenter=1.0),
+        LoRAtorioConfig(top_k=2, reselect_every=2),
+        LoRAtorioConfig(mode="composite"),
+        LoRAtorioConfig(mode="switch"),
+        LoRAtorioConfig(mode="merge"),
+    ],
+    ids=["lam0.5", "lam1", "top-k", "composite", "switch", "merge"],
+)
+def test_cond_and_uncond_combined_in_separate_calls_equal_one_combine(config):
+    # Hosts whose cond and uncond rows arrive in separate model calls (A1111 with
+    # batch_cond_uncond off) combine the cond rows first; the uncond rows reuse their weights.
+    composer = StepComposer(config)
+    kept = None
+    for step in range(3):
+        plan = composer.plan(step, ADAPTERS[:4], batch_size=2, kept=kept)
+        preds = fake_predictions(plan, seed=step)
+        whole = composer.combine(plan, preds, 6.0)
+        split = plan.num_cond_entries
+        assert all(
+            row.branch == "cond" for row in plan.rows[: len([r for r in plan.rows if r.branch == "cond"])]
+        )
+        cond = composer.combine_cond(plan, preds[:split])
+        uncond = composer.combine_uncond(plan, preds[split:], cond)
+        assert torch.equal(cond.cond, whole.cond) and torch.equal(uncond, whole.uncond)
+        torch.testing.assert_close(uncond + 6.0 * (cond.cond - uncond), whole.eps)
+        kept = whole.kept
+    with pytest.raises(ValueError, match="E_c"):
+        composer.combine_cond(plan, preds)
+    with pytest.raises(ValueError, match="E_u"):
+        composer.combine_uncond(plan, preds[split + 1 :], cond)
