@@ -1,0 +1,161 @@
+"""The LoRAtorio script's arguments: one table for the UI, the API, the infotext and X/Y/Z.
+
+The WebUI passes a script its UI components' values positionally, and the API's
+``alwayson_scripts: {"LoRAtorio": {"args": [...]}}`` does the same, so the order of ``ARGS`` is a
+public contract: documented in README, only ever appended to. ``parse_args`` turns the values
+(from either source) into ``Settings``, with a clear error naming the argument for bad input;
+missing trailing values take their defaults, so older API clients keep working.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from loratorio_core import LoRAtorioConfig
+
+# UI labels of the modes (the core's names in lower case).
+MODE_LABELS = {"LoRAtorio": "loratorio", "Composite": "composite", "Switch": "switch", "Merge": "merge"}
+_DEFAULTS = LoRAtorioConfig()
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One script argument: its name, type, default, and the infotext key that records it."""
+
+    name: str
+    kind: type
+    default: object
+    infotext: str
+    help: str
+
+
+ARGS: tuple[Arg, ...] = (
+    Arg("enabled", bool, False, "LoRAtorio", "compose the prompt's LoRAs with LoRAtorio"),
+    Arg("mode", str, "LoRAtorio", "LoRAtorio mode", "LoRAtorio, or a baseline: Composite, Switch, Merge"),
+    Arg("patch_size", int, _DEFAULTS.patch_size, "LoRAtorio patch size", "patch side in latent pixels"),
+    Arg("temperature", float, _DEFAULTS.temperature, "LoRAtorio temperature", "SoftMin temperature"),
+    Arg("recenter", float, _DEFAULTS.recenter, "LoRAtorio recenter", "lam of the re-centred uncond"),
+    Arg("pool", str, "", "LoRAtorio pool", "a named pool or a folder of LoRAs to choose from"),
+    Arg("top_k", int, 0, "LoRAtorio top-k", "keep the k most relevant LoRAs per image (0: all)"),
+    Arg(
+        "reselect_every",
+        int,
+        _DEFAULTS.reselect_every,
+        "LoRAtorio reselect every",
+        "steps between selections",
+    ),
+    Arg("show_maps", bool, False, "", "add each LoRA's weight map to the outputs"),
+)
+NAMES = tuple(arg.name for arg in ARGS)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The script's arguments, checked."""
+
+    enabled: bool = False
+    mode: str = "LoRAtorio"
+    patch_size: int = _DEFAULTS.patch_size
+    temperature: float = _DEFAULTS.temperature
+    recenter: float = _DEFAULTS.recenter
+    pool: str = ""
+    top_k: int = 0
+    reselect_every: int = _DEFAULTS.reselect_every
+    show_maps: bool = False
+
+    def config(self, num_loras: int | None = None) -> LoRAtorioConfig:
+        """The core's config. With ``num_loras``, a top-k of at least that many keeps them all."""
+        top_k = self.top_k or None
+        if top_k is not None and num_loras is not None and top_k >= num_loras:
+            top_k = None
+        return LoRAtorioConfig(
+            mode=MODE_LABELS[self.mode],
+            patch_size=self.patch_size,
+            temperature=self.temperature,
+            recenter=self.recenter,
+            top_k=top_k if MODE_LABELS[self.mode] == "loratorio" else None,
+            reselect_every=self.reselect_every,
+        )
+
+    def infotext(self) -> dict[str, object]:
+        """The generation parameters that record these settings (only when enabled)."""
+        if not self.enabled:
+            return {}
+        params: dict[str, object] = {arg.infotext: getattr(self, arg.name) for arg in ARGS if arg.infotext}
+        params["LoRAtorio"] = True
+        if not self.pool:
+            del params["LoRAtorio pool"]
+        if not self.top_k:
+            del params["LoRAtorio top-k"], params["LoRAtorio reselect every"]
+        return params
+
+
+def parse_args(values: Sequence[object]) -> Settings:
+    """Script argument values (UI or API order) -> Settings; ValueError naming the bad argument."""
+    if len(values) > len(ARGS):
+        raise ValueError(
+            f"LoRAtorio takes at most {len(ARGS)} arguments ({', '.join(NAMES)}); got {len(values)}"
+        )
+    parsed = {}
+    for index, arg in enumerate(ARGS):
+        value = values[index] if index < len(values) else arg.default
+        parsed[arg.name] = _coerce(index, arg, value)
+    settings = Settings(**parsed)
+    if settings.mode not in MODE_LABELS:
+        raise ValueError(
+            f"LoRAtorio argument 1 (mode) must be one of {', '.join(MODE_LABELS)}; got {settings.mode!r}"
+        )
+    if settings.top_k < 0:
+        raise ValueError(f"LoRAtorio argument 6 (top_k) must be 0 (off) or more; got {settings.top_k}")
+    try:
+        settings.config()
+    except ValueError as error:
+        raise ValueError(f"LoRAtorio: {error}") from None
+    return settings
+
+
+def from_infotext(params: dict[str, str]) -> dict[str, object]:
+    """Generation parameters (as pasted back) -> argument values by name, for the UI fields."""
+    if str(params.get("LoRAtorio", "")).lower() not in ("true", "1"):
+        return {}
+    out: dict[str, object] = {"enabled": True}
+    for index, arg in enumerate(ARGS):
+        if arg.infotext and arg.infotext in params and arg.name != "enabled":
+            try:
+                out[arg.name] = _coerce(index, arg, params[arg.infotext])
+            except ValueError:
+                continue  # a hand-edited value that does not parse keeps the field as it is
+    return out
+
+
+def _coerce(index: int, arg: Arg, value: object) -> object:
+    where = f"LoRAtorio argument {index} ({arg.name})"
+    if arg.kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        if isinstance(value, (int, float)) and value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{where} must be true or false; got {value!r}")
+    if arg.kind is str:
+        if value is None:
+            return arg.default
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string; got {value!r}")
+        return value.strip()
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be a number; got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where} must be a finite number; got {value!r}")
+    if arg.kind is int:
+        if number != int(number):
+            raise ValueError(f"{where} must be a whole number; got {value!r}")
+        return int(number)
+    return number

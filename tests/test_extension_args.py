@@ -1,0 +1,87 @@
+"""The script's arguments: one order for UI, API and infotext; clear errors for bad API args."""
+
+import math
+
+import pytest
+
+from extension.args import ARGS, NAMES, Settings, from_infotext, parse_args
+
+
+def test_the_argument_order_is_the_documented_public_contract():
+    # Appending is allowed; reordering or renaming breaks API clients and saved infotexts.
+    assert NAMES[:9] == (
+        "enabled",
+        "mode",
+        "patch_size",
+        "temperature",
+        "recenter",
+        "pool",
+        "top_k",
+        "reselect_every",
+        "show_maps",
+    )
+
+
+def test_missing_trailing_arguments_take_their_defaults():
+    assert parse_args([]) == Settings()
+    settings = parse_args([True, "Composite", 2])
+    assert settings.enabled and settings.mode == "Composite" and settings.patch_size == 2
+    assert settings.temperature == Settings().temperature
+
+
+def test_api_values_are_coerced_from_json_types():
+    settings = parse_args([1, "LoRAtorio", 4.0, "0.02", 1, " styles ", "3", 2, "false"])
+    assert settings == Settings(True, "LoRAtorio", 4, 0.02, 1.0, "styles", 3, 2, False)
+
+
+@pytest.mark.parametrize(
+    "values, named",
+    [
+        ([True, "Blend"], "mode"),
+        ([True, "LoRAtorio", 2.5], "patch_size"),
+        ([True, "LoRAtorio", 0], "patch_size"),
+        ([True, "LoRAtorio", 4, "hot"], "temperature"),
+        ([True, "LoRAtorio", 4, -1.0], "temperature"),
+        ([True, "LoRAtorio", 4, math.nan], "temperature"),
+        ([True, "LoRAtorio", 4, 0.01, 2.0], "recenter"),
+        ([True, "LoRAtorio", 4, 0.01, 1.0, 7], "pool"),
+        ([True, "LoRAtorio", 4, 0.01, 1.0, "", -1], "top_k"),
+        (["yes"], "enabled"),
+        ([True] * 10, "at most 9"),
+    ],
+)
+def test_bad_api_arguments_raise_a_clear_error_naming_the_argument(values, named):
+    with pytest.raises(ValueError, match=named) as error:
+        parse_args(values)
+    assert str(error.value).startswith("LoRAtorio")
+
+
+def test_config_follows_the_settings_and_a_large_top_k_keeps_every_lora():
+    settings = parse_args([True, "LoRAtorio", 2, 0.05, 1.0, "", 3, 2])
+    config = settings.config(num_loras=5)
+    assert (config.patch_size, config.temperature, config.recenter, config.top_k, config.reselect_every) == (
+        2,
+        0.05,
+        1.0,
+        3,
+        2,
+    )
+    assert settings.config(num_loras=3).top_k is None
+    assert parse_args([True, "Merge", 4, 0.01, 1.0, "", 3]).config(5).top_k is None  # baselines never select
+
+
+def test_infotext_round_trips_through_paste():
+    settings = parse_args([True, "Switch", 8, 0.2, 0.75, "faces", 2, 3, True])
+    params = {key: str(value) for key, value in settings.infotext().items()}
+    assert params["LoRAtorio"] == "True" and params["LoRAtorio mode"] == "Switch"
+    pasted = from_infotext(params)
+    restored = Settings(**{**Settings().__dict__, **pasted})
+    assert restored == Settings(
+        True, "Switch", 8, 0.2, 0.75, "faces", 2, 3, False
+    )  # maps are not an infotext setting
+    assert Settings().infotext() == {} and from_infotext({"Steps": "20"}) == {}
+
+
+def test_every_infotext_key_is_unique_and_prefixed():
+    keys = [arg.infotext for arg in ARGS if arg.infotext]
+    assert len(keys) == len(set(keys)) and all(k.startswith("LoRAtorio") for k in keys)
