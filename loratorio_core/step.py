@@ -175,13 +175,16 @@ class StepComposer:
         batch_size: int = 1,
         cfg: bool = True,
         kept: Tensor | None = None,
+        reselect: bool | None = None,
     ) -> StepPlan:
         """The rows to evaluate at ``step`` (0-based sampler step; second-order samplers
         plan the same step twice).
 
         adapters: the LoRAs, in prompt order, with their scales. cfg: False for guidance
         scale 1 or guidance-distilled models: no uncond rows at all. kept: the previous step's
-        ``StepResult.kept`` when top-k is on (None starts a new selection).
+        ``StepResult.kept`` when top-k is on (None starts a new selection). reselect: None lets
+        the schedule decide; False keeps ``kept`` even on a selection step (the uncond rows of a
+        step whose cond rows already selected, in another call).
         """
         cfg_ = self.config
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -213,7 +216,7 @@ class StepComposer:
                         f"top_k ({cfg_.top_k}) is larger than the number of adapters ({n}): "
                         f"lower top_k or add LoRAs to the pool"
                     )
-                kept_now, selecting = _schedule_top_k(cfg_, step, n, batch_size, kept)
+                kept_now, selecting = _schedule_top_k(cfg_, step, n, batch_size, kept, reselect)
                 if kept_now is not None:
                     evaluated = [i for i in range(n) if bool(kept_now[i].any())]
                     samples_of = {
@@ -340,12 +343,14 @@ def _adapter(spec: Adapter | tuple[str, float], index: int) -> Adapter:
 
 
 def _schedule_top_k(
-    config: LoRAtorioConfig, step: int, n: int, batch_size: int, kept: Tensor | None
+    config: LoRAtorioConfig, step: int, n: int, batch_size: int, kept: Tensor | None, reselect: bool | None
 ) -> tuple[Tensor | None, bool]:
     """(kept set in force, whether this step selects). A selection needs the whole pool."""
     if config.top_k == n:
         return torch.ones(n, batch_size, dtype=torch.bool), False
-    if kept is None or step % config.reselect_every == 0:
+    if reselect is False and kept is None:
+        raise ValueError("reselect=False needs kept: the set the cond rows of this step selected")
+    if kept is None or (reselect is not False and (reselect or step % config.reselect_every == 0)):
         return None, True
     kept = kept.detach().to("cpu")
     if kept.dtype != torch.bool or tuple(kept.shape) != (n, batch_size):

@@ -453,3 +453,14 @@ def test_cond_and_uncond_combined_in_separate_calls_equal_one_combine(config):
         composer.combine_cond(plan, preds)
     with pytest.raises(ValueError, match="E_u"):
         composer.combine_uncond(plan, preds[split + 1 :], cond)
+
+
+def test_reselect_false_keeps_the_given_set_on_a_selection_step_and_true_forces_one():
+    composer = StepComposer(LoRAtorioConfig(top_k=2, reselect_every=4))
+    kept = torch.tensor([[True], [False], [True], [False], [False]])
+    assert composer.plan(4, ADAPTERS, kept=kept).selecting
+    held = composer.plan(4, ADAPTERS, kept=kept, reselect=False)
+    assert not held.selecting and held.evaluated == (0, 2)
+    assert composer.plan(1, ADAPTERS, kept=kept, reselect=True).selecting
+    with pytest.raises(ValueError, match="reselect=False needs kept"):
+        composer.plan(1, ADAPTERS, reselect=False)

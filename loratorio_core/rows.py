@@ -1,0 +1,248 @@
+"""LoRAtorio for hosts that hand over batches of labelled cond/uncond rows.
+
+WebUIs call the model on CFG batches: A1111's CFG denoiser (cond rows first, AND sub-prompts as
+extra cond rows, uncond rows last, sometimes in separate calls) and Forge's model wrapper (uncond
+and cond chunks, either order, possibly split). ``RowComposer`` takes one such call, the host's rows
+each labelled with its branch and the image it belongs to, expands every row into the plan's rows
+(base model + LoRAs), evaluates them all in one forward through the per-row runtime (``max_rows``
+at a time), and returns each host row's composed prediction: e_c for a cond row, the re-centred
+e_u for an uncond row. The host's own CFG, uncond + w (cond - uncond), then gives the method's
+guided prediction, because guidance is linear in the two branches.
+
+What outlives a call is kept here, explicitly: within a step, each image's cond weights, which
+its uncond rows reuse (they may arrive in another call); across steps, each cond row's top-k set.
+``reset`` starts a new sampling pass. An uncond row whose image's cond rows have not been seen
+this step (a host that sends uncond first, in a separate call) takes its weights from the
+LoRAs' uncond predictions themselves, the closest stand-in available then.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import LoRAtorioConfig
+from .lora.runtime import LoRARuntime, evaluate_entries
+from .step import BASE, COND, UNCOND, Adapter, CondResult, StepComposer, _Reader
+from .weighting import patch_cosine_similarity, softmin_weights, upsample_weights
+
+Convert = Callable[[Tensor, Mapping[str, object]], Tensor]
+
+
+@dataclass(frozen=True)
+class RowLabel:
+    """A host row: its branch (``cond`` or ``uncond``) and the image of the batch it serves."""
+
+    branch: str
+    sample: int
+
+
+class RowComposer:
+    """Composes LoRAs over a host's labelled rows. See the module docstring.
+
+    config, adapters: the method's settings and the LoRAs (index i = the runtime's adapter i).
+    runtime: the per-row LoRA runtime on the host's model (attached by the host), or None when
+    the forward applies adapters itself.
+    """
+
+    def __init__(
+        self,
+        config: LoRAtorioConfig,
+        adapters: Sequence[Adapter | tuple[str, float]],
+        runtime: LoRARuntime | None = None,
+        *,
+        max_rows: int | None = None,
+        record_weights: bool = False,
+    ):
+        self.composer = StepComposer(config)
+        self.adapters = [Adapter(*a) for a in adapters]
+        self.runtime = runtime
+        self.max_rows = max_rows
+        self.record_weights = record_weights
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything: a new sampling pass (hires, next batch) starts here."""
+        self._step: int | None = None
+        self._cond_of_sample: dict[int, tuple[Tensor, Tensor | None]] = {}
+        self._kept_of_row: dict[tuple[int, int], Tensor] = {}
+        self.weights: dict[int, dict[int, Tensor]] = {}  # step -> image -> (N, h, w), when recorded
+        self.kept: dict[int, list[str]] = {}  # image -> names of the LoRAs its last step kept
+
+    def __call__(
+        self,
+        forward: Callable[..., Tensor],
+        inputs: Mapping[str, object],
+        labels: Sequence[RowLabel],
+        step: int,
+        *,
+        to_eps: Convert | None = None,
+        from_eps: Convert | None = None,
+    ) -> Tensor:
+        """Each host row's composed prediction, in the host's output space.
+
+        forward(**inputs) evaluates rows: ``inputs`` holds the call's per-row tensors (nested
+        dicts and lists allowed) with the rows on dimension 0; the host's rows are gathered from
+        it for every plan entry. to_eps(output, inputs) / from_eps(eps, inputs) convert between
+        the forward's output and noise predictions (identity when the forward returns eps).
+        """
+        rows = _rows(inputs)
+        if len(labels) != rows:
+            raise ValueError(f"labels has {len(labels)} entries for {rows} rows of inputs")
+        if step != self._step:
+            self._step, self._cond_of_sample = step, {}
+        cond_rows = [r for r, label in enumerate(labels) if label.branch == COND]
+        uncond_rows = [r for r, label in enumerate(labels) if label.branch == UNCOND]
+        if len(cond_rows) + len(uncond_rows) != rows:
+            raise ValueError("every label's branch must be 'cond' or 'uncond'")
+        cond_keys = _cond_keys(labels, cond_rows)
+
+        plan_c = plan_u = None
+        entry_rows: list[Tensor] = []
+        entry_adapters: list = []
+        if cond_rows:
+            kept = self._kept_for(cond_keys)
+            plan_c = self.composer.plan(step, self.adapters, batch_size=len(cond_rows), cfg=False, kept=kept)
+            entry_rows.append(torch.tensor(cond_rows)[plan_c.sample_index])
+            entry_adapters += plan_c.entry_adapters
+        if uncond_rows:
+            samples = [labels[r].sample for r in uncond_rows]
+            kept = self._uncond_kept(samples, step)
+            plan_u = self.composer.plan(
+                step,
+                self.adapters,
+                batch_size=len(uncond_rows),
+                cfg=True,
+                kept=kept,
+                reselect=False if kept is not None else None,
+            )
+            first = plan_u.num_cond_entries
+            entry_rows.append(torch.tensor(uncond_rows)[plan_u.sample_index[first:]])
+            entry_adapters += plan_u.entry_adapters[first:]
+
+        index = torch.cat(entry_rows)
+        gathered = _take(inputs, index)
+        output = evaluate_entries(forward, self.runtime, entry_adapters, gathered, max_rows=self.max_rows)
+        eps = to_eps(output, gathered) if to_eps is not None else output
+        composed = eps.new_empty((rows, *eps.shape[1:]))
+
+        split = plan_c.num_cond_entries if plan_c is not None else 0
+        if plan_c is not None:
+            cond = self.composer.combine_cond(plan_c, eps[:split])
+            self._remember_cond(cond, plan_c.evaluated, cond_rows, cond_keys, labels, step)
+            composed[cond_rows] = cond.cond.to(composed.dtype)
+        if plan_u is not None:
+            uncond_eps = eps[split:]
+            weights_up = self._uncond_weights(plan_u, uncond_eps, [labels[r].sample for r in uncond_rows])
+            uncond = self.composer.combine_uncond(
+                plan_u, uncond_eps, CondResult(None, None, None, None, weights_up)
+            )
+            composed[uncond_rows] = uncond.to(composed.dtype)
+        if from_eps is None:
+            return composed
+        return from_eps(composed, _take(inputs, torch.arange(rows)))
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def _kept_for(self, keys: list[tuple[int, int]]) -> Tensor | None:
+        if self.composer.config.top_k is None or not all(k in self._kept_of_row for k in keys):
+            return None
+        return torch.stack([self._kept_of_row[k] for k in keys], dim=1)
+
+    def _uncond_kept(self, samples: list[int], step: int) -> Tensor | None:
+        """The top-k set an image's uncond rows use: what its cond rows kept this step (an
+        earlier call), else, on a step that does not reselect, what they kept last step; None
+        (the uncond rows see the whole pool) when the set is being chosen right now."""
+        config = self.composer.config
+        if config.top_k is None or config.mode != "loratorio" or config.recenter == 1.0:
+            return None
+        sets = []
+        for sample in samples:
+            if sample in self._cond_of_sample:
+                sets.append(self._cond_of_sample[sample][1])
+                continue
+            previous = [kept for (s, _), kept in self._kept_of_row.items() if s == sample]
+            if step % config.reselect_every == 0 or not previous:
+                return None
+            sets.append(torch.stack(previous).any(0))
+        return torch.stack(sets, dim=1)
+
+    def _remember_cond(self, cond: CondResult, evaluated, cond_rows, cond_keys, labels, step) -> None:
+        n = len(self.adapters)
+        full = None
+        if cond.weights_up is not None:
+            # (N, R, 1, H, W): every adapter's pixel weights, 0 where it took no part.
+            full = cond.weights_up.new_zeros((n, *cond.weights_up.shape[1:]))
+            full[list(evaluated)] = cond.weights_up
+        for k, key in enumerate(cond_keys):
+            if cond.kept is not None:
+                self._kept_of_row[key] = cond.kept[:, k].cpu()
+        by_sample: dict[int, list[int]] = {}
+        for k, r in enumerate(cond_rows):
+            by_sample.setdefault(labels[r].sample, []).append(k)
+        names = [a.name for a in self.adapters]
+        for sample, ks in by_sample.items():
+            # AND sub-prompts: the image's uncond rows take the mean of its cond rows' weights.
+            weights = full[:, ks].mean(1) if full is not None else None
+            kept = cond.kept[:, ks].any(1).cpu() if cond.kept is not None else None
+            self._cond_of_sample[sample] = (weights, kept)
+            if kept is not None:
+                self.kept[sample] = [names[i] for i in range(n) if bool(kept[i])]
+            if self.record_weights and cond.weights is not None:
+                self.weights.setdefault(step, {})[sample] = cond.weights[:, ks[0]].float().cpu()
+
+    def _uncond_weights(self, plan_u, uncond_eps: Tensor, samples: list[int]) -> Tensor | None:
+        config = self.composer.config
+        if config.mode != "loratorio" or config.recenter == 1.0 or not plan_u.evaluated:
+            return None  # no re-centring to weigh: the uncond is the base's or a baseline's
+        used = list(plan_u.evaluated)
+        stored = [self._cond_of_sample.get(s, (None, None))[0] for s in samples]
+        if all(w is not None for w in stored):
+            return torch.stack(stored, dim=1)[used]
+        # Cond rows of these images not seen yet this step: weigh by the uncond rows themselves.
+        read = _Reader(plan_u, uncond_eps, plan_u.num_cond_entries)
+        similarity = patch_cosine_similarity(
+            read.stack(UNCOND, used), read.one(UNCOND, BASE), config.patch_size
+        )
+        weights = softmin_weights(
+            similarity, config.temperature, plan_u.kept[used] if plan_u.kept is not None else None
+        )
+        fallback = upsample_weights(weights, tuple(uncond_eps.shape[2:]), config.patch_size, config.upsample)
+        return torch.stack(
+            [w[used] if w is not None else fallback[:, j] for j, w in enumerate(stored)], dim=1
+        )
+
+
+def _cond_keys(labels: Sequence[RowLabel], cond_rows: list[int]) -> list[tuple[int, int]]:
+    """(image, j): the j-th cond row of an image (AND sub-prompts), stable across steps."""
+    seen: dict[int, int] = {}
+    keys = []
+    for r in cond_rows:
+        sample = labels[r].sample
+        keys.append((sample, seen.get(sample, 0)))
+        seen[sample] = seen.get(sample, 0) + 1
+    return keys
+
+
+def _rows(inputs: Mapping[str, object]) -> int:
+    for value in inputs.values():
+        if isinstance(value, Tensor):
+            return value.shape[0]
+        if isinstance(value, Mapping):
+            return _rows(value)
+        if isinstance(value, (list, tuple)) and value:
+            return _rows({"_": value[0]})
+    raise ValueError("inputs holds no tensor with the rows on dimension 0")
+
+
+def _take(value, index: Tensor):
+    if isinstance(value, Tensor):
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, Mapping):
+        return {key: _take(item, index) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take(item, index) for item in value)
+    return value

@@ -1,0 +1,234 @@
+"""RowComposer: a host's labelled cond/uncond rows, in every calling pattern WebUIs use."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from loratorio_core import LoRAtorioConfig
+from loratorio_core.lora import LayerUpdate, LoRARuntime
+from loratorio_core.models import UNetModel, tiny_config
+from loratorio_core.rows import RowComposer, RowLabel
+
+import reference as ref
+
+ADAPTERS = [("a", 0.8), ("b", 1.0), ("c", 0.7)]
+
+
+def build(seed=0):
+    torch.manual_seed(seed)
+    unet = UNetModel(tiny_config(context_dim=16)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    adapters = []
+    for _ in ADAPTERS:
+        layers = {}
+        for name, module in unet.named_modules():
+            if isinstance(module, nn.Linear) and "transformer_blocks" in name:
+                w = module.weight
+                layers[name] = LayerUpdate(
+                    down=torch.randn(4, w.shape[1], generator=g) * 0.3,
+                    up=torch.randn(w.shape[0], 4, generator=g) * 0.3,
+                )
+        adapters.append(layers)
+    return unet, adapters
+
+
+def merged(unet, layers, scale):
+    copy_ = copy.deepcopy(unet)
+    modules = dict(copy_.named_modules())
+    with torch.no_grad():
+        for name, update in layers.items():
+            modules[name].weight += scale * update.delta_weight(modules[name].weight.shape)
+    return copy_
+
+
+def host_batch(b=2, extra_cond=()):
+    """A1111's CFG layout: the cond rows (AND sub-prompts as extra rows), then one uncond row per image."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(b, 4, 8, 8, generator=g)
+    conds = [torch.randn(3, 16, generator=g) for _ in range(b + len(extra_cond))]
+    cond_samples = list(range(b)) + list(extra_cond)
+    order = sorted(range(len(cond_samples)), key=lambda k: cond_samples[k])
+    labels = [RowLabel("cond", cond_samples[k]) for k in order] + [RowLabel("uncond", s) for s in range(b)]
+    contexts = [conds[k] for k in order] + [torch.zeros(3, 16)] * b
+    rows_x = torch.stack([x[label.sample] for label in labels])
+    inputs = {"x": rows_x, "t": torch.full((len(labels),), 400), "context": torch.stack(contexts)}
+    return inputs, labels
+
+
+def expected(unet, adapters, inputs, labels, config):
+    """Each row's e_c / e_u from merged copies and the reference formulas."""
+    bases = unet
+    singles = [merged(unet, layers, s) for layers, (_, s) in zip(adapters, ADAPTERS, strict=True)]
+
+    def run(model, r):
+        return model(inputs["x"][r : r + 1], inputs["t"][r : r + 1], inputs["context"][r : r + 1])
+
+    out = torch.zeros(len(labels), 4, 8, 8, dtype=torch.float64)
+    weights_of = {}
+    with torch.no_grad():
+        for r, label in enumerate(labels):
+            if label.branch != "cond":
+                continue
+            base = run(bases, r)
+            loras = torch.stack([run(m, r) for m in singles])
+            w = ref.upsample_nearest(
+                ref.softmin(ref.similarity(loras, base, config.patch_size), config.temperature),
+                8,
+                8,
+                config.patch_size,
+            )
+            out[r] = ref.compose(loras, w)[0]
+            weights_of.setdefault(label.sample, []).append(w)
+        for r, label in enumerate(labels):
+            if label.branch != "uncond":
+                continue
+            base = run(bases, r).double()
+            w = torch.stack(weights_of[label.sample]).mean(0)  # AND rows: their mean weights
+            loras = torch.stack([run(m, r) for m in singles])
+            out[r] = (config.recenter * base + (1 - config.recenter) * ref.compose(loras, w))[0]
+    return out
+
+
+def composer_for(unet, adapters, config, **kw):
+    runtime = LoRARuntime(unet, adapters).attach()
+    return RowComposer(config, ADAPTERS, runtime, **kw), runtime
+
+
+def forward(unet):
+    return lambda x, t, context: unet(x, t, context)
+
+
+CONFIG = LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=0.5)
+
+
+def test_one_cfg_call_gives_each_row_its_composed_branch():
+    unet, adapters = build()
+    inputs, labels = host_batch()
+    rows, runtime = composer_for(unet, adapters, CONFIG)
+    with torch.no_grad():
+        got = rows(forward(unet), inputs, labels, step=0)
+    runtime.detach()
+    torch.testing.assert_close(
+        got.double(), expected(unet, adapters, inputs, labels, CONFIG), atol=2e-4, rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("pattern", ["cond-then-uncond", "uncond-first-same-call", "row-by-row"])
+def test_separate_calls_and_any_order_give_the_same_rows(pattern):
+    unet, adapters = build()
+    inputs, labels = host_batch()
+    rows, runtime = composer_for(unet, adapters, CONFIG)
+    with torch.no_grad():
+        whole = rows(forward(unet), inputs, labels, step=0)
+        rows.reset()
+        if pattern == "uncond-first-same-call":  # Forge's cond_or_uncond = [1, 0]
+            order = [2, 3, 0, 1]
+            got = rows(
+                forward(unet), {k: v[order] for k, v in inputs.items()}, [labels[i] for i in order], step=0
+            )
+            got = got[torch.argsort(torch.tensor(order))]
+        else:
+            chunks = [[0, 1], [2, 3]] if pattern == "cond-then-uncond" else [[0], [1], [2], [3]]
+            got = torch.cat(
+                [
+                    rows(forward(unet), {k: v[c] for k, v in inputs.items()}, [labels[i] for i in c], step=0)
+                    for c in chunks
+                ]
+            )
+    runtime.detach()
+    torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_and_prompts_compose_each_cond_row_and_the_uncond_takes_their_mean_weights():
+    unet, adapters = build()
+    inputs, labels = host_batch(b=2, extra_cond=(0,))  # image 0 has two AND sub-prompts
+    assert [label.sample for label in labels if label.branch == "cond"] == [0, 0, 1]
+    rows, runtime = composer_for(unet, adapters, CONFIG)
+    with torch.no_grad():
+        got = rows(forward(unet), inputs, labels, step=0)
+    runtime.detach()
+    torch.testing.assert_close(
+        got.double(), expected(unet, adapters, inputs, labels, CONFIG), atol=2e-4, rtol=1e-4
+    )
+
+
+def test_lam_one_needs_no_lora_uncond_rows_and_gives_the_base_uncond():
+    unet, adapters = build()
+    inputs, labels = host_batch()
+    config = LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=1.0)
+    calls = []
+    rows, runtime = composer_for(unet, adapters, config)
+    with torch.no_grad():
+        got = rows(lambda x, t, context: calls.append(len(x)) or unet(x, t, context), inputs, labels, step=0)
+        base_uncond = unet(inputs["x"][2:], inputs["t"][2:], inputs["context"][2:])
+    runtime.detach()
+    assert calls == [2 * (1 + 3) + 2]  # cond: base + 3 LoRAs per image; uncond: base only
+    torch.testing.assert_close(got[2:], base_uncond)
+
+
+def test_top_k_keeps_its_set_across_steps_and_calls_and_names_the_kept():
+    unet, adapters = build()
+    inputs, labels = host_batch()
+    config = LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=0.5, top_k=2, reselect_every=2)
+    rows, runtime = composer_for(unet, adapters, config)
+    sizes = []
+
+    def counted(x, t, context):
+        sizes.append(len(x))
+        return unet(x, t, context)
+
+    with torch.no_grad():
+        for step in range(3):
+            rows(counted, {k: v[:2] for k, v in inputs.items()}, labels[:2], step=step)  # cond call
+            rows(counted, {k: v[2:] for k, v in inputs.items()}, labels[2:], step=step)  # uncond call
+    runtime.detach()
+    # each cond call: base + (3 on selection steps, 2 between) per image; uncond: base + the kept 2
+    assert sizes == [8, 6, 6, 6, 8, 6]
+    assert all(len(names) == 2 for names in rows.kept.values())
+
+
+def test_uncond_rows_seen_before_their_cond_rows_still_compose():
+    unet, adapters = build()
+    inputs, labels = host_batch()
+    rows, runtime = composer_for(unet, adapters, CONFIG)
+    with torch.no_grad():
+        got = rows(forward(unet), {k: v[2:] for k, v in inputs.items()}, labels[2:], step=0)
+    runtime.detach()
+    assert got.shape == (2, 4, 8, 8) and torch.isfinite(got).all()
+
+
+def test_conversions_wrap_the_forward_output_space():
+    unet, adapters = build()
+    inputs, labels = host_batch()
+    rows, runtime = composer_for(unet, adapters, CONFIG)
+    with torch.no_grad():
+        plain = rows(forward(unet), inputs, labels, step=0)
+        rows.reset()
+        # a host whose forward returns x0 = x - eps (a sigma of 1), converted both ways
+        got = rows(
+            lambda x, t, context: x - unet(x, t, context),
+            inputs,
+            labels,
+            step=0,
+            to_eps=lambda out, i: i["x"] - out,
+            from_eps=lambda eps, i: i["x"] - eps,
+        )
+    runtime.detach()
+    torch.testing.assert_close(got, inputs["x"] - plain, atol=1e-5, rtol=1e-5)
+
+
+def test_recorded_weights_and_bad_labels():
+    unet, adapters = build()
+    inputs, labels = host_batch()
+    rows, runtime = composer_for(unet, adapters, CONFIG, record_weights=True)
+    with torch.no_grad():
+        rows(forward(unet), inputs, labels, step=0)
+        with pytest.raises(ValueError, match="labels has 3 entries for 4 rows"):
+            rows(forward(unet), inputs, labels[:3], step=1)
+    runtime.detach()
+    assert set(rows.weights[0]) == {0, 1} and rows.weights[0][0].shape == (3, 4, 4)
+    torch.testing.assert_close(rows.weights[0][0].sum(0), torch.ones(4, 4))
