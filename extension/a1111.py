@@ -1,0 +1,288 @@
+"""LoRAtorio inside AUTOMATIC1111 (1.6-1.10): the prompt's LoRAs composed per step instead of merged.
+
+How it hooks in (every piece is undone when the generation ends, also after an error):
+- ``process_before_every_sampling`` (first pass, hires pass, img2img) takes the LoRAs being
+  composed out of the built-in Lora's ``networks.loaded_networks``, in place, so the built-in never
+  merges their UNet part (their text-encoder part stays applied as the built-in does, which keeps
+  A1111's cond cache valid); their up/down/alpha tensors feed the per-row runtime on the UNet.
+- ``sd_model.apply_model`` is wrapped on the instance. A1111's CFG denoiser calls it with its CFG
+  batch (cond rows, AND sub-prompts included, then uncond rows; sometimes in chunks); an
+  ``on_cfg_denoiser`` callback records that layout each step, so every row of every call is
+  known, and ``RowComposer`` evaluates base + LoRAs for them in one forward and returns each row's
+  composed prediction. A1111's own CFG then guides as usual.
+- The step index comes from the denoiser's counter (second-order samplers call twice a step).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from loratorio_core import Adapter
+from loratorio_core.lora import LayerUpdate, LoRARuntime
+from loratorio_core.lora.binding import layer_mismatch
+from loratorio_core.rows import RowComposer, RowLabel
+
+from .args import Settings
+
+_session: Session | None = None
+
+
+@dataclass
+class Layout:
+    """The rows of this step's CFG batch, in order, and a cursor over the calls that take them."""
+
+    labels: list[RowLabel]
+    step: int
+    cursor: int = 0
+
+
+@dataclass
+class Session:
+    """One generation with LoRAtorio on: what was changed, so that it can all be put back."""
+
+    settings: Settings | None
+    error: str | None = None
+    sd_model: object = None
+    runtime: LoRARuntime | None = None
+    rows: RowComposer | None = None
+    layout: Layout | None = None
+    adapters: list[Adapter] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    _wrapped: bool = False
+    _previous_apply: object = None
+
+    # --- a sampling pass ----------------------------------------------------------------------------
+
+    def begin_pass(self, p) -> None:
+        """Take the composed LoRAs from the built-in and set up the runtime for this pass."""
+        self.end_pass()
+        if self.error is not None:
+            self._wrap(p.sd_model)  # the first UNet call raises the error: a clear failure, not a silent one
+            return
+        networks = sys.modules.get("networks")
+        if networks is None:
+            self.warnings.append("the built-in Lora extension is not loaded: nothing to compose")
+            return
+        sd_model = p.sd_model
+        unet = sd_model.model.diffusion_model
+        names = {id(module): name for name, module in unet.named_modules()}
+        composed, layers = [], []
+        for net in list(networks.loaded_networks):
+            unet_layers, problem = _unet_layers(net, names)
+            if problem:
+                self.warnings.append(f"{net.name}: {problem}; merged as usual instead of composed")
+                continue
+            if unet_layers:
+                composed.append(net)
+                layers.append(unet_layers)
+        if not composed:
+            return
+        # In place: the built-in's other modules hold this very list.
+        networks.loaded_networks[:] = [net for net in networks.loaded_networks if net not in composed]
+        self.adapters = [Adapter(net.name, float(net.unet_multiplier)) for net in composed]
+        self.runtime = LoRARuntime(unet, layers).attach()
+        self.rows = RowComposer(
+            self.settings.config(len(composed)),
+            self.adapters,
+            self.runtime,
+            record_weights=self.settings.show_maps,
+        )
+        self._wrap(sd_model)
+
+    def end_pass(self) -> None:
+        if self.runtime is not None:
+            self.runtime.detach()
+        self.runtime = self.rows = self.layout = None
+
+    def close(self) -> None:
+        """Put everything back: hooks off, apply_model unwrapped."""
+        self.end_pass()
+        if self._wrapped:
+            if self._previous_apply is None:
+                self.sd_model.__dict__.pop("apply_model", None)
+            else:
+                self.sd_model.__dict__["apply_model"] = self._previous_apply
+            self._wrapped = False
+
+    # --- the model call -----------------------------------------------------------------------------
+
+    def _wrap(self, sd_model) -> None:
+        if self._wrapped:
+            return
+        self.sd_model = sd_model
+        self._previous_apply = sd_model.__dict__.get("apply_model")  # another extension's wrapper
+        original = sd_model.apply_model
+        session = self
+
+        def apply_model(x, t, *args, **kwargs):
+            if session.error is not None:
+                message = session.error
+                session.close()
+                raise ValueError(message)
+            if session.rows is None or session.layout is None:
+                return original(x, t, *args, **kwargs)
+            keyword = "cond" in kwargs
+            cond = kwargs.pop("cond") if keyword else args[0]
+            extra = args if keyword else args[1:]
+            try:
+                return session._compose(original, x, t, cond, keyword, extra, kwargs)
+            except BaseException:
+                # A1111 skips postprocess after an exception: leave the model as it was now.
+                session.close()
+                raise
+
+        sd_model.__dict__["apply_model"] = apply_model
+        self._wrapped = True
+
+    def _compose(self, original, x, t, cond, keyword, extra, kwargs):
+        layout = self.layout
+        labels = layout.labels[layout.cursor : layout.cursor + x.shape[0]]
+        layout.cursor += x.shape[0]
+        if len(labels) != x.shape[0]:
+            raise RuntimeError(
+                f"LoRAtorio: the UNet was called with {x.shape[0]} rows beyond the {len(layout.labels)} of "
+                f"this step's CFG batch; another extension may be re-batching: turn one of them off"
+            )
+
+        def forward(x, t, cond):
+            if keyword:
+                return original(x, t, *extra, cond=cond, **kwargs)
+            return original(x, t, cond, *extra, **kwargs)
+
+        to_eps = from_eps = None
+        if getattr(self.sd_model, "parameterization", "eps") == "v":
+            to_eps, from_eps = _v_conversions(self.sd_model.alphas_cumprod)
+        return self.rows(
+            forward, {"x": x, "t": t, "cond": cond}, labels, layout.step, to_eps=to_eps, from_eps=from_eps
+        )
+
+    def on_cfg_denoiser(self, params) -> None:
+        """Record the rows of this step's CFG batch: cond rows per image (AND), then uncond rows."""
+        if self.rows is None:
+            return
+        uncond = params.text_uncond
+        images = (uncond["crossattn"] if isinstance(uncond, dict) else uncond).shape[0]
+        cond_rows = params.x.shape[0] - images
+        repeats = _repeats(params.denoiser, images, cond_rows)
+        labels = [RowLabel("cond", i) for i, n in enumerate(repeats) for _ in range(n)]
+        labels += [RowLabel("uncond", i) for i in range(images)]
+        self.layout = Layout(labels, _sampler_step(params.denoiser))
+
+
+def _repeats(denoiser, images: int, cond_rows: int) -> list[int]:
+    """How many cond rows (AND sub-prompts) each image has this step."""
+    sampler = getattr(denoiser, "sampler", None)
+    cond = getattr(sampler, "sampler_extra_args", {}).get("cond")
+    batch = getattr(cond, "batch", None)
+    if batch is not None and len(batch) == images and sum(len(b) for b in batch) == cond_rows:
+        return [len(b) for b in batch]
+    if cond_rows % images == 0:
+        return [cond_rows // images] * images
+    raise RuntimeError(
+        f"LoRAtorio cannot tell which of {cond_rows} cond rows belong to which of {images} images"
+    )
+
+
+def _sampler_step(denoiser) -> int:
+    """The sampler step of this denoiser call: second-order samplers call twice a step."""
+    steps, total = getattr(denoiser, "steps", None), getattr(denoiser, "total_steps", None)
+    calls_per_step = max(1, round(total / steps)) if steps and total else 1
+    return int(denoiser.step) // calls_per_step
+
+
+def _unet_layers(net, names: dict[int, str]) -> tuple[dict[str, LayerUpdate], str | None]:
+    """A built-in Lora network's UNet layers as the runtime's updates (module name -> update)."""
+    layers = {}
+    for module in net.modules.values():
+        name = names.get(id(getattr(module, "sd_module", None)))
+        if name is None:
+            continue  # a text-encoder layer: left to the built-in
+        if getattr(module, "dora_scale", None) is not None:
+            return {}, "DoRA layers depend on the merged weight and cannot be composed per row"
+        up, down = getattr(module, "up_model", None), getattr(module, "down_model", None)
+        if up is not None and down is not None and getattr(module, "bias", None) is None:
+            rank = down.weight.shape[0]
+            mid = module.mid_model.weight.detach() if getattr(module, "mid_model", None) is not None else None
+            update = LayerUpdate(
+                down=down.weight.detach(), up=up.weight.detach(), mid=mid, alpha=module.calc_scale() * rank
+            )
+        else:
+            update = _dense(net, module)
+        if layer_mismatch(module.sd_module, update):
+            return {}, f"layer {name} does not fit the model ({layer_mismatch(module.sd_module, update)})"
+        layers[name] = update
+    return layers, None
+
+
+def _dense(net, module) -> LayerUpdate:
+    """LoHa, LoKr, full diff...: the built-in's own delta at multiplier 1."""
+    saved = net.unet_multiplier
+    net.unet_multiplier = 1.0
+    try:
+        with torch.no_grad():
+            updown, ex_bias = module.calc_updown(module.sd_module.weight)
+    finally:
+        net.unet_multiplier = saved
+    return LayerUpdate(dense=updown.detach().float(), dense_bias=None if ex_bias is None else ex_bias.float())
+
+
+def _v_conversions(alphas_cumprod: torch.Tensor):
+    """v <-> eps for the model input x at (fractional) timestep t, as k-diffusion interpolates it."""
+    log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log()
+
+    def coefficients(inputs):
+        t = inputs["t"].float().to(log_sigmas.device)
+        low, high = t.floor().long(), t.ceil().long()
+        frac = t - low
+        sigma = ((1 - frac) * log_sigmas[low] + frac * log_sigmas[high]).exp()
+        alpha_bar = 1 / (1 + sigma**2)
+        shape = (-1,) + (1,) * (inputs["x"].dim() - 1)
+        return alpha_bar.sqrt().view(shape), (1 - alpha_bar).sqrt().view(shape)
+
+    def to_eps(v, inputs):
+        a, b = coefficients(inputs)
+        return (a.to(v) * v + b.to(v) * inputs["x"].to(v)).to(v.dtype)
+
+    def from_eps(eps, inputs):
+        a, b = coefficients(inputs)
+        return ((eps - b.to(eps) * inputs["x"].to(eps)) / a.to(eps)).to(eps.dtype)
+
+    return to_eps, from_eps
+
+
+# --- module-level entry points the script and callbacks call --------------------------------------
+
+
+def start(p, settings: Settings) -> Session:
+    stop()
+    global _session
+    _session = Session(settings)
+    p.extra_generation_params.update(settings.infotext())
+    return _session
+
+
+def fail(error: Exception) -> Session:
+    """Bad script arguments: the generation stops at its first UNet call with this message."""
+    stop()
+    global _session
+    _session = Session(None, error=str(error))
+    return _session
+
+
+def current() -> Session | None:
+    return _session
+
+
+def stop() -> None:
+    global _session
+    if _session is not None:
+        _session.close()
+        _session = None
+
+
+def on_cfg_denoiser(params) -> None:
+    if _session is not None:
+        _session.on_cfg_denoiser(params)

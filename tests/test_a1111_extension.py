@@ -1,0 +1,263 @@
+"""The extension inside (a faithful fake of) AUTOMATIC1111 1.10.1: whole generations through the real
+entry script, checked against the method computed independently on merged copies."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from loratorio_core.lora import LayerUpdate, save_lora
+
+import fake_a1111
+import reference as ref
+from fake_a1111.model import FakeSD
+
+ROOT = Path(__file__).resolve().parent.parent
+SCALES = {"l0": 0.8, "l1": 1.0, "l2": 0.6}
+
+
+def write_loras(folder: Path, sd: FakeSD):
+    """Kohya files in the LDM naming A1111's built-in maps onto its modules: UNet attention and conv
+    layers, and the text encoder."""
+    folder.mkdir(exist_ok=True)
+    for i, name in enumerate(SCALES):
+        g = torch.Generator().manual_seed(i)
+        layers = {}
+        for component, model, keep in (
+            (
+                "unet",
+                sd.model.diffusion_model,
+                lambda n: ("transformer_blocks" in n or "in_layers.2" in n) and isinstance_ok(n),
+            ),
+            ("te1", sd.cond_stage_model.transformer, lambda n: "mlp" in n),
+        ):
+            for module_name, module in model.named_modules():
+                if not isinstance(module, (nn.Linear, nn.Conv2d)) or not keep(module_name):
+                    continue
+                w = module.weight
+                kernel = tuple(w.shape[2:])
+                down = torch.randn(4, w.shape[1], *kernel, generator=g) * 0.5 / (w.shape[1] ** 0.5)
+                up = torch.randn(w.shape[0], 4, *(1,) * len(kernel), generator=g) * 0.5
+                layers[(component, module_name.replace(".", "_"))] = LayerUpdate(down=down, up=up, alpha=2.0)
+        save_lora(folder / f"{name}.safetensors", layers)
+
+
+def isinstance_ok(name):
+    return True
+
+
+@pytest.fixture
+def webui(tmp_path):
+    sd = FakeSD()
+    write_loras(tmp_path / "Lora", sd)
+    fake = fake_a1111.install(sd, tmp_path / "Lora")
+    spec = importlib.util.spec_from_file_location("loratorio.py", ROOT / "scripts" / "loratorio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fake.script_class = module.LoRAtorioScript
+    fake.sd = sd
+    yield fake
+    fake_a1111.uninstall()
+
+
+def generate(webui, prompt, args=None, *, txt2img=True, with_script=True, **kwargs):
+    from modules import processing, scripts
+
+    runner = scripts.ScriptRunner([webui.script_class()] if with_script else [])
+    script_args = list(args) if args is not None else runner.default_args()
+    cls = (
+        processing.StableDiffusionProcessingTxt2Img
+        if txt2img
+        else processing.StableDiffusionProcessingImg2Img
+    )
+    defaults = dict(negative_prompt="blurry", steps=4, width=64, height=64, cfg_scale=6.0)
+    p = cls(prompt=prompt, scripts=runner, script_args=script_args, **{**defaults, **kwargs})
+    return processing.process_images(p), p
+
+
+ON = [True, "LoRAtorio", 2, 0.05, 0.5, "", 0, 1, False]
+PROMPT = "a cat <lora:l0:0.8> <lora:l1:1.0>"
+
+
+def merged_copy(module: nn.Module, loras, component, scale_key):
+    """A copy of ``module`` with the LoRA files' deltas merged in, free of the built-in's names."""
+    import safetensors.torch
+
+    out = copy.deepcopy(module)
+    for m in out.modules():
+        backup = m.__dict__.get("network_weights_backup")
+        if backup is not None:  # the built-in merged a LoRA in place: start from the original weight
+            with torch.no_grad():
+                m.weight.copy_(backup)
+        for attr in ("network_layer_name", "network_weights_backup", "network_current_names"):
+            m.__dict__.pop(attr, None)
+    modules = {n.replace(".", "_"): m for n, m in out.named_modules()}
+    prefix = {"unet": "lora_unet_", "te1": "lora_te1_"}[component]
+    with torch.no_grad():
+        for path, scale in loras:
+            state = safetensors.torch.load_file(str(path))
+            for key in {k.split(".")[0] for k in state}:
+                if not key.startswith(prefix):
+                    continue
+                target = modules[("transformer_" if component == "te1" else "") + key[len(prefix) :]]
+                update = LayerUpdate(
+                    down=state[f"{key}.lora_down.weight"],
+                    up=state[f"{key}.lora_up.weight"],
+                    alpha=float(state[f"{key}.alpha"]),
+                )
+                target.weight += scale * update.delta_weight(target.weight.shape)
+    return out
+
+
+def expected_txt2img(
+    webui, names, settings, prompt="a cat", negative="blurry", steps=4, cfg=6.0, seed=1, batch=1
+):
+    """The method written out on the fake's own Euler schedule, every prediction from a merged copy."""
+    from modules import sd_samplers_kdiffusion
+
+    sd = webui.sd
+    folder = Path(webui.shared.cmd_opts.lora_dir)
+    loras = [(folder / f"{n}.safetensors", SCALES[n]) for n in names]
+    text = merged_copy(sd.cond_stage_model, loras, "te1", "te")  # the built-in applies the TE parts (shared)
+    c, uc = text([prompt] * batch), text([negative] * batch)
+    base = merged_copy(sd.model.diffusion_model, [], "unet", "unet")
+    singles = [merged_copy(sd.model.diffusion_model, [lora], "unet", "unet") for lora in loras]
+    schedule = sd_samplers_kdiffusion.CompVisDenoiser(sd)
+    ts = torch.linspace(999, 0, steps)
+    sigmas = torch.cat([schedule.t_to_sigma(ts), ts.new_zeros(1)])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((batch, 4, 8, 8), generator=g) * sigmas[0]
+    with torch.no_grad():
+        for i in range(steps):
+            sigma = sigmas[i]
+            x_in = x / (sigma**2 + 1) ** 0.5
+            t = schedule.sigma_to_t(sigma.expand(batch))
+            base_c, base_u = base(x_in, t, c), base(x_in, t, uc)
+            loras_c = torch.stack([m(x_in, t, c) for m in singles])
+            loras_u = torch.stack([m(x_in, t, uc) for m in singles])
+            eps = ref.loratorio_step(
+                base_c,
+                base_u,
+                loras_c,
+                loras_u,
+                d=settings["d"],
+                tau=settings["tau"],
+                lam=settings["lam"],
+                scale=cfg,
+            )
+            x = x + eps.float() * (sigmas[i + 1] - sigma)  # Euler: d = (x - denoised) / sigma = eps
+    return x
+
+
+def test_composes_the_prompts_loras_instead_of_merging_them(webui):
+    result, p = generate(webui, PROMPT, ON)
+    expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5})
+    torch.testing.assert_close(result.images[0], expected[0], atol=2e-4, rtol=1e-4)
+    info = result.infotexts[0]
+    assert "LoRAtorio: True" in info and "LoRAtorio mode: LoRAtorio" in info and "Lora hashes: l0: " in info
+
+
+def test_the_unet_is_never_merged_and_everything_is_put_back(webui):
+    unet = webui.sd.model.diffusion_model
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    generate(webui, PROMPT, ON)
+    assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())  # no double application
+    assert "apply_model" not in webui.sd.__dict__
+    assert all(not m._forward_hooks for m in unet.modules())
+
+
+def test_with_loratorio_off_nothing_changes_bit_for_bit(webui):
+    off = list(ON)
+    off[0] = False
+    with_off, _ = generate(webui, PROMPT, off)
+    without, _ = generate(webui, PROMPT, with_script=False)
+    assert torch.equal(with_off.images[0], without.images[0])
+    assert with_off.infotexts == without.infotexts
+
+
+def test_an_exception_inside_a_pass_leaves_the_model_as_it_was(webui):
+    unet = webui.sd.model.diffusion_model
+    baseline, _ = generate(webui, PROMPT, with_script=False)
+
+    def boom(module, args, output):
+        raise RuntimeError("a failing layer")
+
+    handle = unet.out[2].register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="a failing layer"):
+        generate(webui, PROMPT, ON)
+    handle.remove()
+    assert "apply_model" not in webui.sd.__dict__
+    assert all(not m._forward_hooks for m in unet.modules())
+    after, _ = generate(webui, PROMPT, with_script=False)
+    assert torch.equal(after.images[0], baseline.images[0])
+
+
+def test_interrupt_mid_generation_ends_cleanly(webui):
+    from modules import script_callbacks, shared
+
+    calls = []
+
+    def interrupt_at_second_step(params):
+        calls.append(params.denoiser.step)
+        if params.denoiser.step == 1:
+            shared.state.interrupted = True
+
+    script_callbacks.on_cfg_denoiser(interrupt_at_second_step)
+    result, _ = generate(webui, PROMPT, ON)
+    shared.state.interrupted = False
+    assert len(result.images) == 1 and torch.isfinite(result.images[0]).all()
+    assert "apply_model" not in webui.sd.__dict__
+
+
+def test_bad_api_arguments_fail_the_generation_with_a_clear_message(webui):
+    with pytest.raises(ValueError, match=r"LoRAtorio argument 1 \(mode\)"):
+        generate(webui, PROMPT, [True, "Blend"])
+    assert "apply_model" not in webui.sd.__dict__
+    ok, _ = generate(webui, PROMPT, with_script=False)
+    assert torch.isfinite(ok.images[0]).all()
+
+
+@pytest.mark.parametrize(
+    "opts, kwargs",
+    [
+        ({"batch_cond_uncond": False}, {}),
+        ({}, {"batch_size": 2}),
+        ({}, {"batch_size": 2, "n_iter": 2}),
+        ({}, {"sampler_name": "Heun"}),
+        ({}, {"enable_hr": True}),
+    ],
+    ids=["separate-cond-uncond-calls", "batch-2", "batch-count-2", "second-order", "hires-fix"],
+)
+def test_every_generation_mode_runs_composed_and_restored(webui, opts, kwargs):
+    webui.shared.opts.data.update(opts)
+    result, p = generate(webui, PROMPT, ON, **kwargs)
+    webui.shared.opts.data["batch_cond_uncond"] = True
+    assert all(torch.isfinite(image).all() for image in result.images)
+    assert len(result.images) == kwargs.get("batch_size", 1) * kwargs.get("n_iter", 1)
+    assert "apply_model" not in webui.sd.__dict__
+    if kwargs.get("batch_size") == 2 and "n_iter" not in kwargs:
+        expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5}, batch=1)
+        torch.testing.assert_close(
+            result.images[0], expected[0], atol=2e-4, rtol=1e-4
+        )  # image 0: its own predictions
+
+
+def test_separate_cond_and_uncond_calls_give_the_same_image(webui):
+    together, _ = generate(webui, PROMPT, ON)
+    webui.shared.opts.data["batch_cond_uncond"] = False
+    apart, _ = generate(webui, PROMPT, ON)
+    webui.shared.opts.data["batch_cond_uncond"] = True
+    torch.testing.assert_close(
+        apart.images[0], together.images[0], atol=3e-4, rtol=1e-3
+    )  # only batch-size round-off differs
+
+
+def test_and_prompts_compose_every_sub_prompt(webui):
+    result, _ = generate(webui, "a cat AND a hat <lora:l0:0.8> <lora:l1:1.0>", ON)
+    plain, _ = generate(webui, "a cat AND a hat <lora:l0:0.8> <lora:l1:1.0>", with_script=False)
+    assert torch.isfinite(result.images[0]).all() and not torch.equal(result.images[0], plain.images[0])
