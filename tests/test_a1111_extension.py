@@ -137,9 +137,16 @@ def expected_txt2img(
             sigma = sigmas[i]
             x_in = x / (sigma**2 + 1) ** 0.5
             t = schedule.sigma_to_t(sigma.expand(batch))
-            base_c, base_u = base(x_in, t, c), base(x_in, t, uc)
-            loras_c = torch.stack([m(x_in, t, c) for m in singles])
-            loras_u = torch.stack([m(x_in, t, uc) for m in singles])
+            c_in = 1 / (sigma**2 + 1) ** 0.5
+
+            def eps(model, context):
+                out = model(x_in, t, context)  # noqa: B023
+                # a v model's output as eps at this sigma: alpha_bar = 1 / (1 + sigma^2)
+                return c_in * out + sigma * c_in * x_in if sd.parameterization == "v" else out  # noqa: B023
+
+            base_c, base_u = eps(base, c), eps(base, uc)
+            loras_c = torch.stack([eps(m, c) for m in singles])
+            loras_u = torch.stack([eps(m, uc) for m in singles])
             eps = ref.loratorio_step(
                 base_c,
                 base_u,
@@ -261,3 +268,55 @@ def test_and_prompts_compose_every_sub_prompt(webui):
     result, _ = generate(webui, "a cat AND a hat <lora:l0:0.8> <lora:l1:1.0>", ON)
     plain, _ = generate(webui, "a cat AND a hat <lora:l0:0.8> <lora:l1:1.0>", with_script=False)
     assert torch.isfinite(result.images[0]).all() and not torch.equal(result.images[0], plain.images[0])
+
+
+@pytest.fixture(params=["v-prediction", "sdxl", "inpainting"])
+def other_model(request, tmp_path):
+    kwargs = {
+        "v-prediction": {"parameterization": "v"},
+        "sdxl": {"xl": True},
+        "inpainting": {"inpaint": True},
+    }[request.param]
+    sd = FakeSD(**kwargs)
+    write_loras(tmp_path / "Lora", sd)
+    fake = fake_a1111.install(sd, tmp_path / "Lora")
+    spec = importlib.util.spec_from_file_location("loratorio.py", ROOT / "scripts" / "loratorio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fake.script_class, fake.sd, fake.kind = module.LoRAtorioScript, sd, request.param
+    yield fake
+    fake_a1111.uninstall()
+
+
+def test_v_prediction_sdxl_and_inpainting_models_compose_on_eps(other_model):
+    webui = other_model
+    kwargs = {}
+    if webui.kind == "inpainting":
+        mask = torch.zeros(1, 1, 8, 8)
+        mask[..., 4:] = 1
+        kwargs = dict(
+            txt2img=False,
+            init_latent=torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3)),
+            mask=mask,
+        )
+    plain, _ = generate(webui, PROMPT, with_script=False, **kwargs)
+    composed, _ = generate(webui, PROMPT, ON, **kwargs)
+    assert torch.isfinite(composed.images[0]).all() and not torch.equal(plain.images[0], composed.images[0])
+    assert "apply_model" not in webui.sd.__dict__
+    if webui.kind == "v-prediction":
+        expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5})
+        torch.testing.assert_close(composed.images[0], expected[0], atol=3e-4, rtol=1e-4)
+        # the conversion both ways at fractional timesteps, as k-diffusion interpolates them
+        from loratorio_extension.a1111 import _v_conversions
+
+        to_eps, from_eps = _v_conversions(webui.sd.alphas_cumprod)
+        inputs = {"x": torch.randn(3, 4, 8, 8), "t": torch.tensor([10.0, 500.5, 998.2])}
+        v = torch.randn(3, 4, 8, 8)
+        torch.testing.assert_close(from_eps(to_eps(v, inputs), inputs), v, atol=1e-4, rtol=1e-4)
+
+
+def test_img2img_composes_from_the_init_latent(webui):
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    plain, _ = generate(webui, PROMPT, with_script=False, txt2img=False, init_latent=init)
+    composed, _ = generate(webui, PROMPT, ON, txt2img=False, init_latent=init)
+    assert torch.isfinite(composed.images[0]).all() and not torch.equal(plain.images[0], composed.images[0])
