@@ -51,6 +51,9 @@ class Session:
     layout: Layout | None = None
     adapters: list[Adapter] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    max_rows: int | None = None
+    passes: list = field(default_factory=list)  # (batch number, composer) of each sampling pass
+    batch_size: int = 1
     _wrapped: bool = False
     _previous_apply: object = None
 
@@ -88,9 +91,16 @@ class Session:
             self.settings.config(len(composed)),
             self.adapters,
             self.runtime,
+            max_rows=self.max_rows,
             record_weights=self.settings.show_maps,
         )
+        self.passes.append((getattr(p, "iteration", 0), self.rows))
+        self.batch_size = getattr(p, "batch_size", 1)
         self._wrap(sd_model)
+
+    def last_pass_of_batch(self) -> dict[int, RowComposer]:
+        """The composer of each batch's last pass (its hires pass when there is one)."""
+        return {batch: rows for batch, rows in self.passes}
 
     def end_pass(self) -> None:
         if self.runtime is not None:
@@ -256,10 +266,10 @@ def _v_conversions(alphas_cumprod: torch.Tensor):
 # --- module-level entry points the script and callbacks call --------------------------------------
 
 
-def start(p, settings: Settings) -> Session:
+def start(p, settings: Settings, max_rows: int | None = None) -> Session:
     stop()
     global _session
-    _session = Session(settings)
+    _session = Session(settings, max_rows=max_rows)
     p.extra_generation_params.update(settings.infotext())
     return _session
 

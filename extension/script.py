@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import gradio as gr
 from modules import script_callbacks, scripts
 from modules.ui_components import InputAccordion
 
-from . import a1111
-from .args import ARGS, MODE_LABELS, Settings, from_infotext, parse_args
+from . import a1111, options, xyz
+from .args import ARGS, MODE_LABELS, NAMES, Settings, from_infotext, parse_args
+from .maps import mean_weights, weight_map_images
 
 TOOLTIPS = {arg.name: arg.help for arg in ARGS}
 
@@ -20,7 +24,12 @@ class LoRAtorioScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        defaults = Settings()
+        xyz.register()  # when xyz_grid loaded before us (API-only mode runs ui() before on_before_ui)
+        defaults = Settings(
+            patch_size=int(options.get("loratorio_default_patch_size")),
+            temperature=float(options.get("loratorio_default_temperature")),
+            recenter=float(options.get("loratorio_default_recenter")),
+        )
         with InputAccordion(False, label="LoRAtorio", elem_id=self.elem_id("enabled")) as enabled:
             with gr.Row():
                 mode = gr.Radio(
@@ -79,13 +88,22 @@ class LoRAtorioScript(scripts.Script):
 
     def process(self, p, *args):
         a1111.stop()  # whatever an interrupted or failed generation left behind
+        values = list(args)
+        overrides = getattr(p, "loratorio_overrides", {})  # X/Y/Z axes
+        for name, value in overrides.items():
+            values += [arg.default for arg in ARGS[len(values) :]]
+            values[NAMES.index(name)] = value
         try:
-            settings = parse_args(args)
+            settings = parse_args(values)
         except ValueError as error:
             a1111.fail(error)
             return
+        if overrides and "enabled" not in overrides:
+            settings = replace(settings, enabled=True)  # plotting a LoRAtorio setting means using it
+        if not settings.enabled and options.get("loratorio_auto_compose") and _prompt_loras(p) >= 2:
+            settings = replace(settings, enabled=True)
         if settings.enabled:
-            a1111.start(p, settings)
+            a1111.start(p, settings, max_rows=int(options.get("loratorio_max_rows")) or None)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         session = a1111.current()
@@ -101,7 +119,35 @@ class LoRAtorioScript(scripts.Script):
             ]
 
     def postprocess(self, p, processed, *args):
-        a1111.stop()
+        session = a1111.current()
+        try:
+            if session is not None and session.settings is not None and session.settings.show_maps:
+                _add_maps(session, processed)
+        finally:
+            a1111.stop()
+
+
+def _prompt_loras(p) -> int:
+    prompt = (getattr(p, "all_prompts", None) or [getattr(p, "prompt", "")])[0]
+    return len(set(re.findall(r"<(?:lora|lyco):([^:>]+)", prompt)))
+
+
+def _add_maps(session, processed) -> None:
+    """Each image's LoRA weight maps (mean over the steps of its last pass), after the images."""
+    extra, extra_info = [], []
+    for batch, rows in session.last_pass_of_batch().items():
+        names = [a.name for a in rows.adapters]
+        for sample in range(len(processed.images)):
+            index = batch * session.batch_size + sample
+            weights = mean_weights(rows.weights, sample)
+            if weights is None or index >= len(processed.images):
+                continue
+            for image, name in weight_map_images(processed.images[index], weights, names):
+                extra.append(image)
+                extra_info.append(f"LoRAtorio weight map: {name}")
+    processed.images.extend(extra)
+    if hasattr(processed, "infotexts"):
+        processed.infotexts.extend(extra_info)
 
 
 def _paste(name):
@@ -112,4 +158,6 @@ def _paste(name):
 
 
 script_callbacks.on_cfg_denoiser(a1111.on_cfg_denoiser, name="loratorio")
+script_callbacks.on_ui_settings(options.register, name="loratorio")
+script_callbacks.on_before_ui(xyz.register, name="loratorio")
 script_callbacks.on_script_unloaded(a1111.stop, name="loratorio")

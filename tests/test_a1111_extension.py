@@ -320,3 +320,125 @@ def test_img2img_composes_from_the_init_latent(webui):
     plain, _ = generate(webui, PROMPT, with_script=False, txt2img=False, init_latent=init)
     composed, _ = generate(webui, PROMPT, ON, txt2img=False, init_latent=init)
     assert torch.isfinite(composed.images[0]).all() and not torch.equal(plain.images[0], composed.images[0])
+
+
+def test_rows_per_forward_setting_gives_the_same_image(webui):
+    whole, _ = generate(webui, PROMPT, ON)
+    webui.shared.opts.data["loratorio_max_rows"] = 3
+    chunked, _ = generate(webui, PROMPT, ON)
+    del webui.shared.opts.data["loratorio_max_rows"]
+    torch.testing.assert_close(
+        chunked.images[0], whole.images[0], atol=3e-4, rtol=1e-3
+    )  # batch round-off only
+
+
+def test_auto_compose_turns_loratorio_on_for_two_or_more_prompt_loras(webui):
+    off = [False] + ON[1:]
+    on, _ = generate(webui, PROMPT, ON)
+    webui.shared.opts.data["loratorio_auto_compose"] = True
+    auto, _ = generate(webui, PROMPT, off)
+    single, _ = generate(webui, "a cat <lora:l0:0.8>", off)
+    webui.shared.opts.data["loratorio_auto_compose"] = False
+    merged_single, _ = generate(webui, "a cat <lora:l0:0.8>", with_script=False)
+    assert torch.equal(auto.images[0], on.images[0])
+    assert torch.equal(single.images[0], merged_single.images[0])  # one LoRA: left to the built-in
+
+
+def test_settings_section_is_registered(webui):
+    from modules import script_callbacks
+
+    script_callbacks.ui_settings_callback()
+    labels = webui.shared.opts.data_labels
+    assert {"loratorio_max_rows", "loratorio_auto_compose", "loratorio_default_temperature"} <= set(labels)
+    assert all(labels[k].section == ("loratorio", "LoRAtorio") for k in labels if k.startswith("loratorio_"))
+
+
+def test_show_weight_maps_adds_one_overlay_per_lora_and_image(webui):
+    maps_on = list(ON)
+    maps_on[8] = True
+    result, _ = generate(webui, PROMPT, maps_on, batch_size=2)
+    assert len(result.images) == 2 + 2 * 2
+    assert result.infotexts[2:] == ["LoRAtorio weight map: l0", "LoRAtorio weight map: l1"] * 2
+    assert all(m.shape == (3, 64, 64) for m in result.images[2:])
+
+
+def fake_xyz():
+    import types
+
+    from modules import scripts
+
+    module = types.ModuleType("xyz_grid.py")
+
+    class AxisOption:
+        def __init__(
+            self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None
+        ):
+            self.label, self.type, self.apply, self.choices = label, type, apply, choices
+
+    module.AxisOption, module.axis_options = AxisOption, []
+    script_class = type("Script", (), {"__module__": "xyz_grid.py"})
+    scripts.scripts_data.append(scripts.ScriptClassData(script_class, "xyz_grid.py", "", module))
+    return module
+
+
+def test_xyz_axes_set_the_cells_settings(webui):
+    import copy as copy_
+
+    from modules import processing, script_callbacks, scripts
+
+    xyz = fake_xyz()
+    script_callbacks.before_ui_callback()
+    script_callbacks.before_ui_callback()  # a UI reload must not add them twice
+    labels = [o.label for o in xyz.axis_options]
+    assert labels == [
+        "[LoRAtorio] Enabled",
+        "[LoRAtorio] Mode",
+        "[LoRAtorio] Patch size",
+        "[LoRAtorio] Temperature",
+        "[LoRAtorio] Re-centering (lam)",
+        "[LoRAtorio] Top-k",
+    ]
+    mode_axis = xyz.axis_options[1]
+    runner = scripts.ScriptRunner([webui.script_class()])
+    cells = {}
+    for mode in ("LoRAtorio", "Composite"):
+        p = processing.StableDiffusionProcessingTxt2Img(
+            prompt=PROMPT,
+            negative_prompt="blurry",
+            steps=4,
+            width=64,
+            height=64,
+            cfg_scale=6.0,
+            scripts=runner,
+            script_args=runner.default_args(),
+        )
+        cell = copy_.copy(p)
+        mode_axis.apply(cell, mode, None)
+        cells[mode] = processing.process_images(cell)
+    for mode, result in cells.items():
+        defaults = (
+            runner.default_args()
+        )  # the cell kept the UI's values, the axis set the mode and turned it on
+        direct, _ = generate(webui, PROMPT, [True, mode] + defaults[2:])
+        assert torch.equal(result.images[0], direct.images[0]), mode
+    assert not torch.equal(cells["LoRAtorio"].images[0], cells["Composite"].images[0])
+    assert f"LoRAtorio mode: {'Composite'}" in cells["Composite"].infotexts[0]
+
+
+def test_infotext_fields_paste_the_settings_back(webui):
+    from modules import scripts
+
+    script = webui.script_class()
+    runner = scripts.ScriptRunner([script])
+    result, _ = generate(webui, PROMPT, [True, "Switch", 8, 0.2, 0.75, "", 0, 1, False])
+    line = result.infotexts[0].splitlines()[-1]
+    params = dict(part.split(": ", 1) for part in line.split(", "))
+    pasted = {component.label: paste(params) for component, paste in runner.infotext_fields}
+    # None: not in this infotext, so A1111 leaves the field as it is
+    assert {k: v for k, v in pasted.items() if v is not None} == {
+        "LoRAtorio": True,
+        "Mode": "Switch",
+        "Patch size": 8,
+        "Temperature": 0.2,
+        "Re-centering (lam)": 0.75,
+    }

@@ -1,0 +1,58 @@
+"""The LoRAtorio section of the WebUI's settings, and reading it back."""
+
+from __future__ import annotations
+
+SECTION = ("loratorio", "LoRAtorio")
+
+# key -> (default, label, component kind, component args)
+OPTIONS = {
+    "loratorio_max_rows": (
+        0,
+        "Rows per UNet forward (0: all of a step at once; lower it to save memory)",
+        "slider",
+        {"minimum": 0, "maximum": 64, "step": 1},
+    ),
+    "loratorio_auto_compose": (
+        False,
+        "Compose automatically when the prompt has two or more LoRAs (LoRAtorio off otherwise)",
+        "checkbox",
+        {},
+    ),
+    "loratorio_default_patch_size": (
+        4,
+        "Default patch size",
+        "slider",
+        {"minimum": 1, "maximum": 16, "step": 1},
+    ),
+    "loratorio_default_temperature": (
+        0.01,
+        "Default temperature",
+        "slider",
+        {"minimum": 0.001, "maximum": 1.0, "step": 0.001},
+    ),
+    "loratorio_default_recenter": (
+        0.5,
+        "Default re-centering (lam)",
+        "slider",
+        {"minimum": 0.0, "maximum": 1.0, "step": 0.05},
+    ),
+}
+
+
+def register() -> None:
+    """on_ui_settings: add the options to the WebUI's settings."""
+    import gradio as gr
+    from modules import shared
+
+    components = {"slider": gr.Slider, "checkbox": gr.Checkbox}
+    for key, (default, label, kind, args) in OPTIONS.items():
+        shared.opts.add_option(
+            key, shared.OptionInfo(default, label, components[kind], args, section=SECTION)
+        )
+
+
+def get(key: str):
+    """An option's value, its default before the settings are registered."""
+    from modules import shared
+
+    return shared.opts.data.get(key, OPTIONS[key][0])

@@ -1,0 +1,37 @@
+"""X/Y/Z plot axes for LoRAtorio's settings (the WebUI's built-in xyz_grid script)."""
+
+from __future__ import annotations
+
+from .args import MODE_LABELS
+
+PREFIX = "[LoRAtorio] "
+
+
+def _apply(name: str):
+    def apply(p, value, values):
+        # A new dict per cell: the grid shallow-copies p, so never mutate a shared one.
+        p.loratorio_overrides = {**getattr(p, "loratorio_overrides", {}), name: value}
+
+    return apply
+
+
+def register() -> bool:
+    """Add the axes to xyz_grid if it is loaded and they are not there yet; True when present."""
+    from modules import scripts
+
+    xyz = next((d.module for d in scripts.scripts_data if d.script_class.__module__ == "xyz_grid.py"), None)
+    if xyz is None:
+        return False
+    if any(str(getattr(option, "label", "")).startswith(PREFIX) for option in xyz.axis_options):
+        return True
+    xyz.axis_options.extend(
+        [
+            xyz.AxisOption(PREFIX + "Enabled", str, _apply("enabled"), choices=lambda: ["True", "False"]),
+            xyz.AxisOption(PREFIX + "Mode", str, _apply("mode"), choices=lambda: list(MODE_LABELS)),
+            xyz.AxisOption(PREFIX + "Patch size", int, _apply("patch_size")),
+            xyz.AxisOption(PREFIX + "Temperature", float, _apply("temperature")),
+            xyz.AxisOption(PREFIX + "Re-centering (lam)", float, _apply("recenter")),
+            xyz.AxisOption(PREFIX + "Top-k", int, _apply("top_k")),
+        ]
+    )
+    return True
