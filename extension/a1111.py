@@ -81,14 +81,25 @@ class Session:
             if unet_layers:
                 composed.append(net)
                 layers.append(unet_layers)
-        if not composed:
+        adapters = [Adapter(net.name, float(net.unet_multiplier)) for net in composed]
+        if self.settings.pool:
+            taken = {a.name for a in adapters}
+            try:
+                for name, pool_layers in _pool_layers(self.settings.pool, networks, unet, taken):
+                    adapters.append(Adapter(name, 1.0))
+                    layers.append(pool_layers)
+            except ValueError as error:  # a bad pool or LoRA file: fail this generation, clearly
+                self.error = str(error)
+                self._wrap(sd_model)
+                return
+        if not adapters:
             return
         # In place: the built-in's other modules hold this very list.
         networks.loaded_networks[:] = [net for net in networks.loaded_networks if net not in composed]
-        self.adapters = [Adapter(net.name, float(net.unet_multiplier)) for net in composed]
+        self.adapters = adapters
         self.runtime = LoRARuntime(unet, layers).attach()
         self.rows = RowComposer(
-            self.settings.config(len(composed)),
+            self.settings.config(len(adapters)),
             self.adapters,
             self.runtime,
             max_rows=self.max_rows,
@@ -225,6 +236,20 @@ def _unet_layers(net, names: dict[int, str]) -> tuple[dict[str, LayerUpdate], st
             return {}, f"layer {name} does not fit the model ({layer_mismatch(module.sd_module, update)})"
         layers[name] = update
     return layers, None
+
+
+def _pool_layers(pool: str, networks, unet, taken: set[str]):
+    """(name, UNet layers) of the pool's LoRAs not already composed from the prompt."""
+    from loratorio_core.lora import bind_lora, layer_aliases
+
+    from .pools import load_cached, resolve
+
+    aliases = layer_aliases(unet)
+    for path in resolve(pool, networks.available_network_aliases):
+        if path.stem in taken:
+            continue
+        bound = bind_lora(unet, load_cached(path), "unet", aliases)
+        yield path.stem, bound.layers
 
 
 def _dense(net, module) -> LayerUpdate:

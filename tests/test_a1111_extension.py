@@ -442,3 +442,38 @@ def test_infotext_fields_paste_the_settings_back(webui):
         "Temperature": 0.2,
         "Re-centering (lam)": 0.75,
     }
+
+
+def test_a_pool_without_prompt_tags_is_composed_keeping_the_top_k(webui, tmp_path):
+    folder = Path(webui.shared.cmd_opts.lora_dir)
+    pooled = [True, "LoRAtorio", 2, 0.05, 0.5, str(folder), 2, 1, False]
+    result, _ = generate(webui, "a cat", pooled, batch_size=2)
+    plain, _ = generate(webui, "a cat", with_script=False, batch_size=2)
+    assert not torch.equal(result.images[0], plain.images[0])
+    for info in result.infotexts:  # each image records the two LoRAs it kept
+        kept = info.split("LoRAtorio kept: ")[1].split(", Lora")[0].split(", ")
+        assert len(kept) == 2 and set(kept) <= {"l0", "l1", "l2"}
+    assert "apply_model" not in webui.sd.__dict__
+
+
+def test_pools_by_name_and_by_lora_names_and_a_clear_error_for_unknown_ones(webui, tmp_path, monkeypatch):
+    from loratorio_extension import pools
+
+    monkeypatch.setattr(pools, "POOLS_FILE", tmp_path / "pools.json")
+    pools.save_pool("styles", ["l0", "l2"], tmp_path / "pools.json")
+    available = webui.networks.available_network_aliases
+    assert [p.stem for p in pools.resolve("styles", available, tmp_path / "pools.json")] == ["l0", "l2"]
+    assert [p.stem for p in pools.resolve("l1, l2", available, tmp_path / "pools.json")] == ["l1", "l2"]
+    with pytest.raises(ValueError, match="no folder, named pool or LoRA called nope"):
+        pools.resolve("nope", available, tmp_path / "pools.json")
+    with pytest.raises(ValueError, match="LoRAtorio pool 'nope'"):
+        generate(webui, "a cat", [True, "LoRAtorio", 2, 0.05, 0.5, "nope", 2])
+    assert "apply_model" not in webui.sd.__dict__
+
+
+def test_tooltips_cover_every_setting_of_the_accordion():
+    import re
+
+    labels = set(re.findall(r'label="([^"]+)"', (ROOT / "extension" / "script.py").read_text()))
+    tips = set(re.findall(r'"([^"]+)": "', (ROOT / "javascript" / "loratorio.js").read_text()))
+    assert labels == tips

@@ -149,6 +149,8 @@ def create_infotext(p, index):
         "Size": f"{p.width}x{p.height}",
         **p.extra_generation_params,
     }
+    # as create_infotext: a list value holds one entry per image of the batch
+    params = {k: (v[index % len(v)] if isinstance(v, list) else v) for k, v in params.items()}
     text = ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
     return f"{p.all_prompts[index]}\nNegative prompt: {p.all_negative_prompts[index]}\n{text}"
 

@@ -1,0 +1,24 @@
+// LoRAtorio: one-sentence tooltips for the accordion's settings (A1111 and Forge call onUiUpdate).
+(function () {
+    const tips = {
+        "LoRAtorio": "Compose the prompt's <lora:...> tags per step and per region instead of merging them into the model.",
+        "Mode": "LoRAtorio composes per patch; Composite, Switch and Merge are the published baselines, for comparison.",
+        "Patch size": "Side of the latent patches whose similarity to the base model decides which LoRA owns them (1 latent pixel = 8 image pixels).",
+        "Temperature": "How decisively a patch goes to the most divergent LoRA: small values give one LoRA per patch, large ones a blend.",
+        "Re-centering (lam)": "Share of the base model in the negative branch; 1 skips the LoRAs' negative passes (faster).",
+        "Pool (folder or named pool)": "A folder of LoRAs, a pool named in the LoRAtorio tab, or LoRA names separated by commas, to choose from.",
+        "Top-k (0: all)": "Keep only the k LoRAs (prompt and pool together) most relevant to each image; 0 keeps them all.",
+        "Reselect every": "Steps between choices of the top-k LoRAs; between them only the kept ones run (faster).",
+        "Show weight maps": "Add a picture per LoRA showing which regions it owned, averaged over the steps.",
+    };
+    onUiUpdate(function () {
+        document.querySelectorAll("[id^='script_txt2img_loratorio_'], [id^='script_img2img_loratorio_']").forEach(function (root) {
+            root.querySelectorAll("span, label, button").forEach(function (element) {
+                const tip = tips[element.textContent.trim()];
+                if (tip && !element.title) {
+                    element.title = tip;
+                }
+            });
+        });
+    });
+})();
