@@ -9,7 +9,7 @@ import gradio as gr
 from modules import script_callbacks, scripts
 from modules.ui_components import InputAccordion
 
-from . import a1111, options, xyz
+from . import a1111, options, tab, xyz
 from .args import ARGS, MODE_LABELS, NAMES, Settings, from_infotext, parse_args
 from .maps import mean_weights, weight_map_images
 
@@ -160,4 +160,5 @@ def _paste(name):
 script_callbacks.on_cfg_denoiser(a1111.on_cfg_denoiser, name="loratorio")
 script_callbacks.on_ui_settings(options.register, name="loratorio")
 script_callbacks.on_before_ui(xyz.register, name="loratorio")
+script_callbacks.on_ui_tabs(tab.build, name="loratorio")
 script_callbacks.on_script_unloaded(a1111.stop, name="loratorio")

@@ -477,3 +477,61 @@ def test_tooltips_cover_every_setting_of_the_accordion():
     labels = set(re.findall(r'label="([^"]+)"', (ROOT / "extension" / "script.py").read_text()))
     tips = set(re.findall(r'"([^"]+)": "', (ROOT / "javascript" / "loratorio.js").read_text()))
     assert labels == tips
+
+
+def test_the_tab_builds_names_pools_and_shows_trigger_words(webui, tmp_path, monkeypatch):
+    import json as json_
+
+    from loratorio_extension import pools, tab
+    from modules import script_callbacks
+
+    monkeypatch.setattr(pools, "POOLS_FILE", tmp_path / "pools.json")
+    folder = Path(webui.shared.cmd_opts.lora_dir)
+    save_lora(
+        folder / "tagged.safetensors",
+        {
+            ("unet", "input_blocks_1_1_proj_in"): LayerUpdate(
+                down=torch.randn(2, 32, 1, 1), up=torch.randn(32, 2, 1, 1)
+            )
+        },
+        {"ss_tag_frequency": json_.dumps({"10_knight": {"knight": 40, "armor": 25, "sword": 3}})},
+    )
+    assert "tagged" in tab.refresh()
+    assert tab.describe(["tagged", "l0", "ghost"]).splitlines() == [
+        "- **tagged**: knight, armor, sword",
+        "- **l0**: no trigger words in its metadata",
+        "- **ghost**: not in the LoRA list (refresh it)",
+    ]
+    assert "No pools yet" in tab.pool_table()
+    assert tab.save("knights", ["tagged", "l0"]) == "- **knights**: tagged, l0"
+    assert pools.read_pools() == {"knights": ["tagged", "l0"]}
+    assert tab.save("knights", []).startswith("No pools yet")  # an empty choice deletes it
+    assert tab.save("  ", ["l0"]) == "**a pool needs a name**"
+    tabs = script_callbacks.ui_tabs_callback()
+    assert [(title, elem_id) for _, title, elem_id in tabs] == [("LoRAtorio", "loratorio_tab")]
+
+
+def test_api_alwayson_args_take_defaults_for_what_is_missing(webui):
+    # As A1111's init_script_args: the UI defaults, then the request's args by position.
+    from modules import processing, scripts
+
+    runner = scripts.ScriptRunner([webui.script_class()])
+    script = runner.alwayson_scripts[0]
+    assert script.name == "loratorio"  # the key of alwayson_scripts
+    args = runner.default_args()
+    request = {"loratorio": {"args": [True, "LoRAtorio", 2, 0.05, 0.5]}}
+    for index, value in enumerate(request[script.name]["args"][: script.args_to - script.args_from]):
+        args[script.args_from + index] = value
+    p = processing.StableDiffusionProcessingTxt2Img(
+        prompt=PROMPT,
+        negative_prompt="blurry",
+        steps=4,
+        width=64,
+        height=64,
+        cfg_scale=6.0,
+        scripts=runner,
+        script_args=args,
+    )
+    via_api = processing.process_images(p)
+    direct, _ = generate(webui, PROMPT, ON)
+    assert torch.equal(via_api.images[0], direct.images[0])

@@ -1,7 +1,16 @@
 """LoRA files, their mapping onto a model's modules, and the per-row runtime."""
 
 from .binding import BoundLoRA, bind_lora, guess_family
-from .files import LayerUpdate, LoRAFile, LoRAFileError, load_lora, read_safetensors, save_lora
+from .files import (
+    LayerUpdate,
+    LoRAFile,
+    LoRAFileError,
+    load_lora,
+    read_metadata,
+    read_safetensors,
+    save_lora,
+    trigger_words,
+)
 from .keymap import layer_aliases
 from .runtime import LoRARuntime, evaluate_entries
 
@@ -16,6 +25,8 @@ __all__ = [
     "guess_family",
     "layer_aliases",
     "load_lora",
+    "read_metadata",
     "read_safetensors",
     "save_lora",
+    "trigger_words",
 ]

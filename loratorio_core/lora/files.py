@@ -152,6 +152,41 @@ def save_lora(
     save_file(tensors, str(path), metadata=metadata)
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A .safetensors file's ``__metadata__`` (trainer settings, tag frequencies), reading only its header."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > MAX_HEADER_BYTES:
+                raise LoRAFileError(
+                    path, f"claims a {size}-byte header, over the format's 100 MB limit: corrupt file"
+                )
+            header = json.loads(f.read(size).decode("utf-8"))
+    except FileNotFoundError:
+        raise LoRAFileError(path, "no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise LoRAFileError(
+            path, "has a header that is not valid JSON: corrupt or not a safetensors file"
+        ) from None
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 8) -> list[str]:
+    """A kohya LoRA's most frequent training tags (``ss_tag_frequency``), the words that call it up."""
+    try:
+        frequencies = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except ValueError:
+        return []
+    counts: dict[str, int] = {}
+    for dataset in frequencies.values() if isinstance(frequencies, dict) else []:
+        for tag, count in dataset.items() if isinstance(dataset, dict) else []:
+            if isinstance(count, (int, float)):
+                counts[tag.strip()] = counts.get(tag.strip(), 0) + int(count)
+    return [tag for tag, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit] if tag]
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All tensors and the metadata of a .safetensors file, after checking its header."""
     path = Path(path)
