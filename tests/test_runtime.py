@@ -254,3 +254,30 @@ def test_everywhere_applies_the_adapters_to_every_row_of_any_batch():
                 expected = model(x)
             torch.testing.assert_close(together, expected)
         assert not torch.equal(together, model(x))
+
+
+class LinearLike(nn.Module):
+    """Like Forge's ForgeOperations.Linear: not an nn.Linear subclass, same contract."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.randn(out_features, in_features, generator=g) * 0.2)
+        self.bias = nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_linear_like_layers_that_are_not_nn_linear_take_loras_too():
+    from loratorio_core.lora import layer_aliases
+
+    model = nn.Sequential(LinearLike(12, 10))
+    assert "0" in layer_aliases(model).values()
+    update = LayerUpdate(down=rnd(3, 12), up=rnd(10, 3), alpha=3.0)
+    x = rnd(2, 12, scale=1)
+    with torch.no_grad(), LoRARuntime(model, [{"0": update}]) as runtime, runtime.rows([(), ((0, 1.0),)]):
+        out = model(x)
+    expected = nn.functional.linear(x[1], model[0].weight + update.delta_weight((10, 12)), model[0].bias)
+    torch.testing.assert_close(out[1], expected)
+    torch.testing.assert_close(out[0], model(x)[0])

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .files import LayerUpdate, LoRAFile, LoRAFileError
-from .keymap import layer_aliases
+from .keymap import is_linear, layer_aliases
 
 # Cross-attention context width of attn2.to_k -> the model family it belongs to.
 _CONTEXT_FAMILIES = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL", 4096: "FLUX/SD3"}
@@ -86,7 +86,7 @@ def layer_mismatch(module: nn.Module, update: LayerUpdate) -> str | None:
     out_features = weight.shape[0]
     if up.shape[0] != out_features:
         return f"up gives {up.shape[0]} outputs, the layer has {out_features}"
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         if down.flatten(1).shape[1] != weight.shape[1] or update.mid is not None:
             return f"down {tuple(down.shape)} does not take the layer's {weight.shape[1]} inputs"
         return None
@@ -110,7 +110,7 @@ def _made_for(lora: LoRAFile, model: nn.Module) -> str:
     family = guess_family(lora)
     model_family = None
     for name, module in model.named_modules():
-        if name.endswith("attn2.to_k") and isinstance(module, nn.Linear):
+        if name.endswith("attn2.to_k") and is_linear(module):
             model_family = _CONTEXT_FAMILIES.get(module.in_features)
             break
     if family and model_family and family != model_family:

@@ -14,9 +14,30 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 TARGET_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A Linear layer, or one that behaves like it (Forge's ForgeOperations.Linear is a plain Module
+    with a 2-D weight and in/out_features)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
+    )
+
+
+def is_target(module: nn.Module) -> bool:
+    """A layer a LoRA can update: Linear-like or Conv2d."""
+    return isinstance(module, nn.Conv2d) or is_linear(module)
+
 
 # ResBlock leaves: LDM name -> diffusers name.
 _RESNET_LEAVES = {
@@ -129,7 +150,7 @@ def layer_aliases(model: nn.Module) -> dict[str, str]:
     Spellings are underscored (``down_blocks_0_attentions_0_proj_in``). A spelling that two
     modules would share is left out: it could not say which one it means.
     """
-    targets = [name for name, module in model.named_modules() if isinstance(module, TARGET_TYPES)]
+    targets = [name for name, module in model.named_modules() if is_target(module)]
     all_names = [name for name, _ in model.named_modules()]
     aliases: dict[str, set[str]] = {}
 

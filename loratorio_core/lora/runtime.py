@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .files import LayerUpdate
+from .keymap import is_linear
 
 RowAdapters = Sequence[Sequence[tuple[int, float]]]
 
@@ -234,7 +235,7 @@ class _Delta:
                 # alpha / rank folded into up once, here, not at every forward.
                 up = update.up.float() * update.multiplier
                 down = update.down.float()
-                if isinstance(module, nn.Linear):
+                if is_linear(module):
                     weights = (down.flatten(1), up.flatten(1), None)
                 else:
                     if down.dim() == 2:
@@ -249,11 +250,11 @@ class _Delta:
         module = self.module
         if self.update.is_dense or self.grouped:
             dense, bias = self._weights(x.device, x.dtype)
-            if isinstance(module, nn.Linear):
+            if is_linear(module):
                 return F.linear(x, dense, bias)
             return self._conv(x, dense, bias, groups=module.groups)
         down, up, mid = self._weights(x.device, x.dtype)
-        if isinstance(module, nn.Linear):
+        if is_linear(module):
             return F.linear(F.linear(x, down), up)
         if mid is None:
             hidden = self._conv(x, down, None)
