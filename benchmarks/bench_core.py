@@ -12,30 +12,14 @@ on the CPU a tiny LDM-layout UNet stands in. Target: the core under 1% of the mo
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import replace
 from functools import partial
 
 import torch
+from timing import timed  # benchmarks/ is on sys.path when a benchmark runs
 
 from loratorio_core import Adapter, LoRAtorioConfig, StepComposer
 from loratorio_core.models import UNetModel, sd15_config, sdxl_config, tiny_config
-
-
-def timed(fn, device: torch.device, repeats: int) -> float:
-    """Median seconds of ``fn()`` after one warm-up call."""
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def build_unet(latent: int, device: torch.device, dtype: torch.dtype) -> tuple[str, UNetModel]:

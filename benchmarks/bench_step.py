@@ -18,12 +18,11 @@ on the GPU; ours at least 2x faster than sequential switching at N = 3.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 from dataclasses import replace
 
 import torch
+from timing import timed  # benchmarks/ is on sys.path when a benchmark runs
 from torch import nn
 
 from loratorio_core import Adapter, LoRAtorioConfig, StepComposer
@@ -61,20 +60,6 @@ def random_adapter(unet: nn.Module, names: list[str], seed: int, device, dtype) 
         up = torch.randn(w.shape[0], RANK, *(1,) * len(kernel), generator=g) * 0.01
         layers[name] = LayerUpdate(down=down.to(device, dtype), up=up.to(device, dtype), alpha=float(RANK))
     return layers
-
-
-def timed(fn, device, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def peak(fn, device) -> float:

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from .config import MODES, UPSAMPLE_MODES, LoRAtorioConfig
-from .lora.files import PICKLE_SUFFIXES
+from .lora.files import PICKLE_SUFFIXES, LoRAFileError, read_header
 
 
 class UsageError(ValueError):
@@ -169,14 +169,10 @@ def load_pipeline(model: str, device: str, dtype: str):
 
 
 def _checkpoint_keys(path: Path) -> list[str]:
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        if size > 100 * 1024 * 1024:
-            raise UsageError(f"{path}: not a safetensors checkpoint (corrupt header)")
-        try:
-            return list(json.loads(f.read(size)))
-        except ValueError:
-            raise UsageError(f"{path}: not a safetensors checkpoint (corrupt header)") from None
+    try:
+        return [key for key in read_header(path) if key != "__metadata__"]
+    except LoRAFileError as error:
+        raise UsageError(f"{path}: not a safetensors checkpoint ({error.problem})") from None
 
 
 def _first_line(error: BaseException) -> str:

@@ -152,8 +152,8 @@ def save_lora(
     save_file(tensors, str(path), metadata=metadata)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """A .safetensors file's ``__metadata__`` (trainer settings, tag frequencies), reading only its header."""
+def read_header(path: str | os.PathLike) -> dict:
+    """A .safetensors file's JSON header (tensor entries and ``__metadata__``), reading nothing else."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -169,7 +169,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise LoRAFileError(
             path, "has a header that is not valid JSON: corrupt or not a safetensors file"
         ) from None
-    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    if not isinstance(header, dict):
+        raise LoRAFileError(path, "has a header that is not a JSON object: corrupt file")
+    return header
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A .safetensors file's ``__metadata__`` (trainer settings, tag frequencies), reading only its header."""
+    metadata = read_header(path).get("__metadata__", {})
     return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
