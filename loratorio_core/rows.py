@@ -173,8 +173,8 @@ class RowComposer:
     def _remember_cond(self, cond: CondResult, evaluated, cond_rows, cond_keys, labels, step) -> None:
         n = len(self.adapters)
         full = None
-        if cond.weights_up is not None:
-            # (N, R, 1, H, W): every adapter's pixel weights, 0 where it took no part.
+        if cond.weights_up is not None and self.composer.config.recenter < 1.0:
+            # Only a re-centred uncond reads them: (N, R, 1, H, W), 0 where an adapter took no part.
             full = cond.weights_up.new_zeros((n, *cond.weights_up.shape[1:]))
             full[list(evaluated)] = cond.weights_up
         for k, key in enumerate(cond_keys):
