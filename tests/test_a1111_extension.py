@@ -535,3 +535,19 @@ def test_api_alwayson_args_take_defaults_for_what_is_missing(webui):
     via_api = processing.process_images(p)
     direct, _ = generate(webui, PROMPT, ON)
     assert torch.equal(via_api.images[0], direct.images[0])
+
+
+def test_skip_mid_generation_ends_cleanly_and_the_next_image_is_composed(webui):
+    from modules import script_callbacks, shared
+
+    def skip_at_second_step(params):
+        if params.denoiser.step == 1 and not getattr(shared.state, "_done", False):
+            shared.state.skipped = shared.state._done = True
+
+    script_callbacks.on_cfg_denoiser(skip_at_second_step)
+    skipped, _ = generate(webui, PROMPT, ON)
+    shared.state.skipped = False
+    assert torch.isfinite(skipped.images[0]).all() and "apply_model" not in webui.sd.__dict__
+    composed, _ = generate(webui, PROMPT, ON)
+    expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5})
+    torch.testing.assert_close(composed.images[0], expected[0], atol=3e-4, rtol=1e-4)
