@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import gradio as gr
 from modules import script_callbacks, scripts
-from modules.ui_components import InputAccordion
+from modules.ui_components import InputAccordion, ToolButton
 
 from . import a1111, options, tab, xyz
 from .args import ARGS, MODE_LABELS, NAMES, Settings, from_infotext, parse_args
@@ -61,7 +61,18 @@ class LoRAtorioScript(scripts.Script):
                     elem_id=self.elem_id("recenter"),
                 )
             with gr.Row():
-                pool = gr.Textbox(value="", label="Pool (folder or named pool)", elem_id=self.elem_id("pool"))
+                # Named pools from the LoRAtorio tab to pick, or a folder / LoRA names typed in.
+                pool = gr.Dropdown(
+                    choices=[""] + tab.pool_names(),
+                    value="",
+                    allow_custom_value=True,
+                    label="Pool (folder or named pool)",
+                    elem_id=self.elem_id("pool"),
+                )
+                refresh = ToolButton(value="\U0001f504", elem_id=self.elem_id("pool_refresh"))
+                refresh.click(
+                    fn=lambda: gr.update(choices=[""] + tab.pool_names()), inputs=[], outputs=[pool]
+                )
                 top_k = gr.Slider(
                     minimum=0,
                     maximum=16,

@@ -42,6 +42,13 @@ def describe(names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def pool_names() -> list[str]:
+    try:
+        return sorted(pools.read_pools())
+    except ValueError:
+        return []
+
+
 def pool_table() -> str:
     try:
         current = pools.read_pools()
