@@ -57,6 +57,12 @@ class Session:
     _wrapped: bool = False
     _previous_apply: object = None
 
+    def warn(self, message: str) -> None:
+        """Tell the user in the console, as WebUI extensions do (kept for tests too)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            print(f"LoRAtorio: {message}", file=sys.stderr)
+
     # --- a sampling pass ----------------------------------------------------------------------------
 
     def begin_pass(self, p) -> None:
@@ -67,7 +73,7 @@ class Session:
             return
         networks = sys.modules.get("networks")
         if networks is None:
-            self.warnings.append("the built-in Lora extension is not loaded: nothing to compose")
+            self.warn("the built-in Lora extension is not loaded: nothing to compose")
             return
         sd_model = p.sd_model
         unet = sd_model.model.diffusion_model
@@ -76,7 +82,7 @@ class Session:
         for net in list(networks.loaded_networks):
             unet_layers, problem = _unet_layers(net, names)
             if problem:
-                self.warnings.append(f"{net.name}: {problem}; merged as usual instead of composed")
+                self.warn(f"{net.name}: {problem}; merged as usual instead of composed")
                 continue
             if unet_layers:
                 composed.append(net)
