@@ -54,6 +54,7 @@ class Session:
     max_rows: int | None = None
     passes: list = field(default_factory=list)  # (batch number, composer) of each sampling pass
     batch_size: int = 1
+    conversions: tuple = (None, None)  # (to_eps, from_eps) for v-prediction models
     _wrapped: bool = False
     _previous_apply: object = None
 
@@ -112,6 +113,9 @@ class Session:
             record_weights=self.settings.show_maps,
         )
         self.passes.append((getattr(p, "iteration", 0), self.rows))
+        # v models: similarity on eps, so outputs are converted (tables built once a pass)
+        v_model = getattr(sd_model, "parameterization", "eps") == "v"
+        self.conversions = _v_conversions(sd_model.alphas_cumprod) if v_model else (None, None)
         self.batch_size = getattr(p, "batch_size", 1)
         self._wrap(sd_model)
 
@@ -179,9 +183,7 @@ class Session:
                 return original(x, t, *extra, cond=cond, **kwargs)
             return original(x, t, cond, *extra, **kwargs)
 
-        to_eps = from_eps = None
-        if getattr(self.sd_model, "parameterization", "eps") == "v":
-            to_eps, from_eps = _v_conversions(self.sd_model.alphas_cumprod)
+        to_eps, from_eps = self.conversions
         return self.rows(
             forward, {"x": x, "t": t, "cond": cond}, labels, layout.step, to_eps=to_eps, from_eps=from_eps
         )
