@@ -55,6 +55,7 @@ class Session:
     passes: list = field(default_factory=list)  # (batch number, composer) of each sampling pass
     batch_size: int = 1
     conversions: tuple = (None, None)  # (to_eps, from_eps) for v-prediction models
+    pending: object = None  # A1111 < 1.9: the p whose pass begins at the next on_cfg_denoiser
     _wrapped: bool = False
     _previous_apply: object = None
 
@@ -190,6 +191,9 @@ class Session:
 
     def on_cfg_denoiser(self, params) -> None:
         """Record the rows of this step's CFG batch: cond rows per image (AND), then uncond rows."""
+        if self.pending is not None:  # A1111 < 1.9: this pass starts now
+            p, self.pending = self.pending, None
+            self.begin_pass(p)
         if self.rows is None:
             return
         uncond = params.text_uncond

@@ -121,6 +121,16 @@ class LoRAtorioScript(scripts.Script):
         if session is not None:
             session.begin_pass(p)
 
+    # A1111 before 1.9 has no process_before_every_sampling: the pass is set up at its first
+    # on_cfg_denoiser instead, after the prompts were encoded (as 1.9+ does) and before any UNet call.
+    def process_batch(self, p, *args, **kwargs):
+        session = a1111.current()
+        if session is not None and not _runner_has_sampling_hook(p):
+            session.pending = p
+
+    def before_hr(self, p, *args):
+        self.process_batch(p)
+
     def postprocess_batch(self, p, *args, **kwargs):
         session = a1111.current()
         if session is not None and session.rows is not None and session.rows.kept:
@@ -136,6 +146,10 @@ class LoRAtorioScript(scripts.Script):
                 _add_maps(session, processed)
         finally:
             a1111.stop()
+
+
+def _runner_has_sampling_hook(p) -> bool:
+    return hasattr(type(getattr(p, "scripts", None)), "process_before_every_sampling")
 
 
 def _prompt_loras(p) -> int:

@@ -551,3 +551,39 @@ def test_skip_mid_generation_ends_cleanly_and_the_next_image_is_composed(webui):
     composed, _ = generate(webui, PROMPT, ON)
     expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5})
     torch.testing.assert_close(composed.images[0], expected[0], atol=3e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hires", [False, True])
+def test_older_a1111_without_the_sampling_hook_gives_the_same_image(webui, hires):
+    # A1111 before 1.9: its runner has no process_before_every_sampling, and processing never calls it.
+    from modules import processing, scripts
+
+    with_hook, _ = generate(webui, PROMPT, ON, enable_hr=hires)
+
+    class OldRunner(scripts.ScriptRunner):
+        pass
+
+    del scripts.ScriptRunner.process_before_every_sampling  # restored below
+    try:
+        runner = OldRunner([webui.script_class()])
+        runner.process_before_every_sampling = lambda *a, **k: None  # what old processing code would not call
+        p = processing.StableDiffusionProcessingTxt2Img(
+            prompt=PROMPT,
+            negative_prompt="blurry",
+            steps=4,
+            width=64,
+            height=64,
+            cfg_scale=6.0,
+            scripts=runner,
+            script_args=ON,
+            enable_hr=hires,
+        )
+        old = processing.process_images(p)
+    finally:
+        scripts.ScriptRunner.process_before_every_sampling = _sampling_hook
+    torch.testing.assert_close(old.images[0], with_hook.images[0], atol=3e-4, rtol=1e-4)
+    assert "apply_model" not in webui.sd.__dict__
+
+
+def _sampling_hook(self, p, **kwargs):
+    self._run("process_before_every_sampling", p, **kwargs)
