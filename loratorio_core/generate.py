@@ -6,11 +6,10 @@ import argparse
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 
 from .config import MODES, UPSAMPLE_MODES, LoRAtorioConfig
-from .lora.files import PICKLE_SUFFIXES, LoRAFileError, read_header
+from .lora.files import PICKLE_SUFFIXES
 
 
 class UsageError(ValueError):
@@ -113,73 +112,6 @@ def build_config(args) -> LoRAtorioConfig:
         raise UsageError(str(error)) from None
 
 
-def load_pipeline(model: str, device: str, dtype: str):
-    """A diffusers SD or SDXL pipeline from a folder or a single .safetensors file."""
-    try:
-        import diffusers
-        import torch
-    except ImportError:
-        raise UsageError("generate needs diffusers: pip install 'loratorio[diffusers]'") from None
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    # Loading bars and advice from diffusers/transformers would bury our one-line messages.
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
-    path = Path(model)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise UsageError(f"{path}: pickle checkpoints can run code; use a .safetensors checkpoint")
-    try:
-        with warnings.catch_warnings():
-            # diffusers >= 0.36 renames torch_dtype (older ones need it): not the user's concern.
-            warnings.simplefilter("ignore", FutureWarning)
-            if path.is_dir():
-                if not (path / "model_index.json").is_file():
-                    raise UsageError(f"{path}: not a diffusers model folder (no model_index.json)")
-                pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype)
-            elif path.is_file():
-                keys = _checkpoint_keys(path)
-                xl = any(k.startswith("conditioner.embedders.1") for k in keys)
-                cls = diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
-                pipe = cls.from_single_file(str(path), torch_dtype=torch_dtype)
-            else:
-                raise UsageError(f"{path}: no such model folder or file")
-    except UsageError:
-        raise
-    except Exception as error:  # diffusers raises many kinds; one clear line is what a user needs
-        raise UsageError(
-            f"{path}: cannot be loaded as a diffusers SD/SDXL pipeline ({_first_line(error)})"
-        ) from None
-    if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
-        raise UsageError(
-            f"{path}: {type(pipe).__name__} is not a Stable Diffusion / SDXL pipeline with a UNet"
-        )
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _checkpoint_keys(path: Path) -> list[str]:
-    try:
-        return [key for key in read_header(path) if key != "__metadata__"]
-    except LoRAFileError as error:
-        raise UsageError(f"{path}: not a safetensors checkpoint ({error.problem})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-
-
 def infotext(
     args, config: LoRAtorioConfig, names: list[tuple[str, float]], scheduler: str, size, kept
 ) -> str:
@@ -207,7 +139,7 @@ def infotext(
 
 
 def run_generate(args) -> list[Path]:
-    from .integrations.diffusers import LoRAtorioDiffusers
+    from .integrations.diffusers import LoRAtorioDiffusers  # diffusers itself is imported only there
     from .maps import weight_map_sheet
 
     config = build_config(args)
@@ -217,6 +149,8 @@ def run_generate(args) -> list[Path]:
     for value, name in ((args.steps, "--steps"), (args.batch, "--batch")):
         if value < 1:
             raise UsageError(f"{name} must be at least 1")
+    from .integrations.diffusers import load_pipeline
+
     pipe = load_pipeline(args.model, args.device, args.dtype)
     composer = LoRAtorioDiffusers(
         pipe,

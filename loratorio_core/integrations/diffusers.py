@@ -20,22 +20,24 @@ per adapter: each LoRA's rows see the prompt as encoded with that LoRA's text-en
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..config import LoRAtorioConfig
 from ..lora.binding import BoundLoRA, bind_lora
-from ..lora.files import LoRAFile, load_lora
+from ..lora.files import PICKLE_SUFFIXES, LoRAFile, LoRAFileError, load_lora, read_header
 from ..lora.keymap import layer_aliases
 from ..lora.runtime import LoRARuntime, evaluate_entries
 from ..step import Adapter, StepComposer, StepPlan
 
-__all__ = ["GenerationResult", "LoRAtorioDiffusers", "is_sdxl"]
+__all__ = ["GenerationResult", "LoRAtorioDiffusers", "is_sdxl", "load_pipeline"]
 
 
 def is_sdxl(pipe) -> bool:
@@ -297,3 +299,82 @@ def _prediction_space(scheduler, t, index: int) -> tuple[Callable, Callable]:
     if kind == "sample":
         return (lambda x0, x: (x - a * x0) / b), (lambda eps, x: (x - b * eps) / a)
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
+
+
+def load_pipeline(model: str, device: str, dtype: str):
+    """A diffusers SD or SDXL pipeline from a folder or a single .safetensors file."""
+    try:
+        import diffusers
+        import torch
+    except ImportError:
+        raise ValueError("generate needs diffusers: pip install 'loratorio[diffusers]'") from None
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        torch_dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    # Loading bars and advice from diffusers/transformers would bury our one-line messages.
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    path = Path(model)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"{path}: pickle checkpoints can run code; use a .safetensors checkpoint")
+    try:
+        with warnings.catch_warnings():
+            # diffusers >= 0.36 renames torch_dtype (older ones need it): not the user's concern.
+            warnings.simplefilter("ignore", FutureWarning)
+            if path.is_dir():
+                if not (path / "model_index.json").is_file():
+                    raise ValueError(f"{path}: not a diffusers model folder (no model_index.json)")
+                pipe = diffusers.DiffusionPipeline.from_pretrained(str(path), torch_dtype=torch_dtype)
+            elif path.is_file():
+                keys = _checkpoint_keys(path)
+                xl = any(k.startswith("conditioner.embedders.1") for k in keys)
+                cls = diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
+                pipe = cls.from_single_file(str(path), torch_dtype=torch_dtype)
+            else:
+                raise ValueError(f"{path}: no such model folder or file")
+    except ValueError:
+        raise
+    except Exception as error:  # diffusers raises many kinds; one clear line is what a user needs
+        raise ValueError(
+            f"{path}: cannot be loaded as a diffusers SD/SDXL pipeline ({_first_line(error)})"
+        ) from None
+    if getattr(pipe, "unet", None) is None or getattr(pipe, "text_encoder", None) is None:
+        raise ValueError(
+            f"{path}: {type(pipe).__name__} is not a Stable Diffusion / SDXL pipeline with a UNet"
+        )
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    try:
+        return [key for key in read_header(path) if key != "__metadata__"]
+    except LoRAFileError as error:
+        raise ValueError(f"{path}: not a safetensors checkpoint ({error.problem})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    try:
+        return [key for key in read_header(path) if key != "__metadata__"]
+    except LoRAFileError as error:
+        raise ValueError(f"{path}: not a safetensors checkpoint ({error.problem})") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
