@@ -366,15 +366,3 @@ def _checkpoint_keys(path: Path) -> list[str]:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _checkpoint_keys(path: Path) -> list[str]:
-    try:
-        return [key for key in read_header(path) if key != "__metadata__"]
-    except LoRAFileError as error:
-        raise ValueError(f"{path}: not a safetensors checkpoint ({error.problem})") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
