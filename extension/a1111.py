@@ -16,18 +16,16 @@ How it hooks in (every piece is undone when the generation ends, also after an e
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from loratorio_core import Adapter
-from loratorio_core.lora import LayerUpdate, LoRARuntime
+from loratorio_core.lora import LayerUpdate
 from loratorio_core.lora.binding import layer_mismatch
-from loratorio_core.rows import RowComposer, RowLabel
+from loratorio_core.rows import RowLabel
 
-from .args import Settings
-
-_session: Session | None = None
+from .session import Session
 
 
 @dataclass
@@ -40,30 +38,15 @@ class Layout:
 
 
 @dataclass
-class Session:
-    """One generation with LoRAtorio on: what was changed, so that it can all be put back."""
+class A1111Session(Session):
+    """A generation in A1111: its apply_model wrapper and the CFG batch layout of each step."""
 
-    settings: Settings | None
-    error: str | None = None
     sd_model: object = None
-    runtime: LoRARuntime | None = None
-    rows: RowComposer | None = None
     layout: Layout | None = None
-    adapters: list[Adapter] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    max_rows: int | None = None
-    passes: list = field(default_factory=list)  # (batch number, composer) of each sampling pass
-    batch_size: int = 1
     conversions: tuple = (None, None)  # (to_eps, from_eps) for v-prediction models
     pending: object = None  # A1111 < 1.9: the p whose pass begins at the next on_cfg_denoiser
     _wrapped: bool = False
     _previous_apply: object = None
-
-    def warn(self, message: str) -> None:
-        """Tell the user in the console, as WebUI extensions do (kept for tests too)."""
-        if message not in self.warnings:
-            self.warnings.append(message)
-            print(f"LoRAtorio: {message}", file=sys.stderr)
 
     # --- a sampling pass ----------------------------------------------------------------------------
 
@@ -93,7 +76,7 @@ class Session:
         if self.settings.pool:
             taken = {a.name for a in adapters}
             try:
-                for name, pool_layers in _pool_layers(self.settings.pool, networks, unet, taken):
+                for name, pool_layers in self.pool_layers(networks, unet, taken):
                     adapters.append(Adapter(name, 1.0))
                     layers.append(pool_layers)
             except ValueError as error:  # a bad pool or LoRA file: fail this generation, clearly
@@ -104,30 +87,15 @@ class Session:
             return
         # In place: the built-in's other modules hold this very list.
         networks.loaded_networks[:] = [net for net in networks.loaded_networks if net not in composed]
-        self.adapters = adapters
-        self.runtime = LoRARuntime(unet, layers).attach()
-        self.rows = RowComposer(
-            self.settings.config(len(adapters)),
-            self.adapters,
-            self.runtime,
-            max_rows=self.max_rows,
-            record_weights=self.settings.show_maps,
-        )
-        self.passes.append((getattr(p, "iteration", 0), self.rows))
+        self.compose(p, unet, adapters, layers)
         # v models: similarity on eps, so outputs are converted (tables built once a pass)
         v_model = getattr(sd_model, "parameterization", "eps") == "v"
         self.conversions = _v_conversions(sd_model.alphas_cumprod) if v_model else (None, None)
-        self.batch_size = getattr(p, "batch_size", 1)
         self._wrap(sd_model)
 
-    def last_pass_of_batch(self) -> dict[int, RowComposer]:
-        """The composer of each batch's last pass (its hires pass when there is one)."""
-        return {batch: rows for batch, rows in self.passes}
-
     def end_pass(self) -> None:
-        if self.runtime is not None:
-            self.runtime.detach()
-        self.runtime = self.rows = self.layout = None
+        super().end_pass()
+        self.layout = None
 
     def close(self) -> None:
         """Put everything back: hooks off, apply_model unwrapped."""
@@ -250,20 +218,6 @@ def _unet_layers(net, names: dict[int, str]) -> tuple[dict[str, LayerUpdate], st
     return layers, None
 
 
-def _pool_layers(pool: str, networks, unet, taken: set[str]):
-    """(name, UNet layers) of the pool's LoRAs not already composed from the prompt."""
-    from loratorio_core.lora import bind_lora, layer_aliases
-
-    from .pools import load_cached, resolve
-
-    aliases = layer_aliases(unet)
-    for path in resolve(pool, networks.available_network_aliases):
-        if path.stem in taken:
-            continue
-        bound = bind_lora(unet, load_cached(path), "unet", aliases)
-        yield path.stem, bound.layers
-
-
 def _dense(net, module) -> LayerUpdate:
     """LoHa, LoKr, full diff...: the built-in's own delta at multiplier 1."""
     saved = net.unet_multiplier
@@ -298,38 +252,3 @@ def _v_conversions(alphas_cumprod: torch.Tensor):
         return ((eps - b.to(eps) * inputs["x"].to(eps)) / a.to(eps)).to(eps.dtype)
 
     return to_eps, from_eps
-
-
-# --- module-level entry points the script and callbacks call --------------------------------------
-
-
-def start(p, settings: Settings, max_rows: int | None = None) -> Session:
-    stop()
-    global _session
-    _session = Session(settings, max_rows=max_rows)
-    p.extra_generation_params.update(settings.infotext())
-    return _session
-
-
-def fail(error: Exception) -> Session:
-    """Bad script arguments: the generation stops at its first UNet call with this message."""
-    stop()
-    global _session
-    _session = Session(None, error=str(error))
-    return _session
-
-
-def current() -> Session | None:
-    return _session
-
-
-def stop() -> None:
-    global _session
-    if _session is not None:
-        _session.close()
-        _session = None
-
-
-def on_cfg_denoiser(params) -> None:
-    if _session is not None:
-        _session.on_cfg_denoiser(params)

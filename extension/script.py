@@ -9,11 +9,13 @@ import gradio as gr
 from modules import script_callbacks, scripts
 from modules.ui_components import InputAccordion, ToolButton
 
-from . import a1111, options, tab, xyz
+from . import hosts, options, session, tab, xyz
 from .args import ARGS, MODE_LABELS, NAMES, Settings, from_infotext, parse_args
 from .maps import mean_weights, weight_map_images
 
 TOOLTIPS = {arg.name: arg.help for arg in ARGS}
+HOST = hosts.detect()
+SESSION = hosts.session_class(HOST)
 
 
 class LoRAtorioScript(scripts.Script):
@@ -98,7 +100,7 @@ class LoRAtorioScript(scripts.Script):
         return controls
 
     def process(self, p, *args):
-        a1111.stop()  # whatever an interrupted or failed generation left behind
+        session.stop()  # whatever an interrupted or failed generation left behind
         values = list(args)
         overrides = getattr(p, "loratorio_overrides", {})  # X/Y/Z axes
         for name, value in overrides.items():
@@ -107,45 +109,45 @@ class LoRAtorioScript(scripts.Script):
         try:
             settings = parse_args(values)
         except ValueError as error:
-            a1111.fail(error)
+            session.fail(error, SESSION)
             return
         if overrides and "enabled" not in overrides:
             settings = replace(settings, enabled=True)  # plotting a LoRAtorio setting means using it
         if not settings.enabled and options.get("loratorio_auto_compose") and _prompt_loras(p) >= 2:
             settings = replace(settings, enabled=True)
         if settings.enabled:
-            a1111.start(p, settings, max_rows=int(options.get("loratorio_max_rows")) or None)
+            session.start(p, settings, SESSION, max_rows=int(options.get("loratorio_max_rows")) or None)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
-        session = a1111.current()
-        if session is not None:
-            session.begin_pass(p)
+        active = session.current()
+        if active is not None:
+            active.begin_pass(p)
 
     # A1111 before 1.9 has no process_before_every_sampling: the pass is set up at its first
     # on_cfg_denoiser instead, after the prompts were encoded (as 1.9+ does) and before any UNet call.
     def process_batch(self, p, *args, **kwargs):
-        session = a1111.current()
-        if session is not None and not _runner_has_sampling_hook(p):
-            session.pending = p
+        active = session.current()
+        if active is not None and not _runner_has_sampling_hook(p):
+            active.pending = p
 
     def before_hr(self, p, *args):
         self.process_batch(p)
 
     def postprocess_batch(self, p, *args, **kwargs):
-        session = a1111.current()
-        if session is not None and session.rows is not None and session.rows.kept:
-            kept = session.rows.kept
+        active = session.current()
+        if active is not None and active.rows is not None and active.rows.kept:
+            kept = active.rows.kept
             p.extra_generation_params["LoRAtorio kept"] = [
                 ", ".join(kept.get(i, [])) for i in range(len(kept))
             ]
 
     def postprocess(self, p, processed, *args):
-        session = a1111.current()
+        active = session.current()
         try:
-            if session is not None and session.settings is not None and session.settings.show_maps:
-                _add_maps(session, processed)
+            if active is not None and active.settings is not None and active.settings.show_maps:
+                _add_maps(active, processed)
         finally:
-            a1111.stop()
+            session.stop()
 
 
 def _runner_has_sampling_hook(p) -> bool:
@@ -182,8 +184,8 @@ def _paste(name):
     return value
 
 
-script_callbacks.on_cfg_denoiser(a1111.on_cfg_denoiser, name="loratorio")
+script_callbacks.on_cfg_denoiser(session.on_cfg_denoiser, name="loratorio")
 script_callbacks.on_ui_settings(options.register, name="loratorio")
 script_callbacks.on_before_ui(xyz.register, name="loratorio")
 script_callbacks.on_ui_tabs(tab.build, name="loratorio")
-script_callbacks.on_script_unloaded(a1111.stop, name="loratorio")
+script_callbacks.on_script_unloaded(session.stop, name="loratorio")

@@ -114,7 +114,13 @@ def expected_txt2img(
     webui, names, settings, prompt="a cat", negative="blurry", steps=4, cfg=6.0, seed=1, batch=1
 ):
     """The method written out on the fake's own Euler schedule, every prediction from a merged copy."""
-    from modules import sd_samplers_kdiffusion
+    import modules
+
+    # the A1111 fake's k-diffusion schedule (under the Forge fake too: its ``a1111_version``)
+    if hasattr(modules, "a1111_version"):
+        sd_samplers_kdiffusion = modules.a1111_version("sd_samplers_kdiffusion")
+    else:
+        from modules import sd_samplers_kdiffusion
 
     sd = webui.sd
     folder = Path(webui.shared.cmd_opts.lora_dir)

@@ -1,0 +1,320 @@
+"""LoRAtorio inside Forge: the "backend" Forge (f2) and the ldm_patched Forge (f0) / reForge.
+
+How it hooks in (Forge resets ``sd_model.forge_objects`` before every sampling pass, so nothing
+here outlives a pass except the runtime's hooks, which ``close`` removes):
+- ``process_before_every_sampling`` clones the pass's UNet patcher and takes the prompt's LoRAs out
+  of the clone's patches (f2: whole entries of ``lora_patches``, keyed by file; f0: their entries in
+  the per-parameter ``patches`` lists), so Forge never merges them; their up/down/alpha tensors feed
+  the per-row runtime on the UNet. The LoRAs' text-encoder patches stay with Forge (shared).
+- A ``model_function_wrapper`` on the clone receives each of Forge's UNet calls (cond and uncond
+  chunks, ``cond_or_uncond`` saying which, possibly several calls a step), labels the rows, has
+  ``RowComposer`` evaluate base + LoRAs for them in one forward, and returns each row's composed x0.
+  A wrapper already in the slot (another extension's) is chained: it wraps ours, and still runs.
+- Forge's memory manager is told about the larger batch (peak-memory estimate) and the LoRA tensors.
+- The step index comes from the sampler's CFG denoiser counter (``p.sampler.model_wrap_cfg``), not
+  from call counts and not from ``on_cfg_denoiser``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratorio_core import Adapter, StepComposer
+from loratorio_core.lora import LayerUpdate
+from loratorio_core.lora.binding import layer_mismatch
+from loratorio_core.rows import RowLabel
+
+from .a1111 import _sampler_step
+from .session import Session
+
+UNET_PREFIX, WEIGHT = "diffusion_model.", ".weight"
+
+
+@dataclass
+class ForgeSession(Session):
+    """A generation in Forge: the UNet patchers it made, each with its wrapper."""
+
+    p: object = None
+    ours: list = field(default_factory=list)  # the patchers this generation made (compared by identity)
+
+    # --- a sampling pass ----------------------------------------------------------------------------
+
+    def begin_pass(self, p) -> None:
+        unet = p.sd_model.forge_objects.unet
+        if any(unet is mine for mine in self.ours):
+            # New Forge calls the hook once more for hires fix on the first pass's objects, then
+            # resets them and calls it again: nothing to do until then.
+            return
+        self.end_pass()
+        self.p = p
+        clone = unet.clone()
+        if self.error is not None:
+            self._install(p, clone, None)  # the first UNet call raises the error: a clear failure
+            return
+        model = clone.model.diffusion_model
+        modules = dict(model.named_modules())
+        adapters, layers = [], []
+        for name, scale, unet_layers in self._take_prompt_loras(clone, modules):
+            adapters.append(Adapter(name, scale))
+            layers.append(unet_layers)
+        if self.settings.pool:
+            networks = sys.modules.get("networks")
+            taken = {a.name for a in adapters}
+            try:
+                for name, pool_layers in self.pool_layers(networks, model, taken):
+                    adapters.append(Adapter(name, 1.0))
+                    layers.append(pool_layers)
+            except ValueError as error:  # a bad pool or LoRA file: fail this generation, clearly
+                self.error = str(error)
+                self._install(p, clone, None)
+                return
+        if not adapters:
+            return
+        self.compose(p, model, adapters, layers)
+        self._reserve_memory(clone, layers)
+        self._install(p, clone, clone.model_options.get("model_function_wrapper"))
+
+    def _install(self, p, clone, previous) -> None:
+        clone.set_model_unet_function_wrapper(self._wrapper(previous))
+        p.sd_model.forge_objects.unet = clone
+        self.ours.append(clone)
+
+    def close(self) -> None:
+        """Hooks off. The patchers made here die with the pass: Forge resets forge_objects."""
+        self.end_pass()
+        self.ours.clear()
+        self.p = None
+
+    # --- the prompt's LoRAs, out of Forge's patches -------------------------------------------------
+
+    def _take_prompt_loras(self, clone, modules: dict):
+        """(name, scale, UNet layers) of each LoRA taken out of the clone's patches."""
+        names = _network_names()
+        if hasattr(clone, "lora_patches"):  # f2: {(file, strength, strength_model, online): {key: entries}}
+            for key in list(clone.lora_patches):
+                filename, strength = key[0], float(key[1])
+                name = names.get(filename, Path(str(filename)).stem)
+                entries = {k: v for k, v in clone.lora_patches[key].items()}
+                layers, problem = self._layers(clone, modules, entries, strength)
+                if problem:
+                    self.warn(f"{name}: {problem}; merged by Forge as usual instead of composed")
+                    continue
+                if layers:
+                    del clone.lora_patches[key]  # the clone's own dict: the shared originals stay
+                    yield name, strength, layers
+            return
+        yield from self._take_old_forge_loras(clone, modules, names)
+
+    def _take_old_forge_loras(self, clone, modules: dict, names: dict):
+        """f0 keeps one list of (strength, patch, strength_model) per parameter, all LoRAs mixed: a
+        LoRA's entries are the ones holding its state dict's tensors (the built-in caches them)."""
+        networks = sys.modules.get("networks")
+        for net in list(getattr(networks, "loaded_networks", [])):
+            filename = net.network_on_disk.filename
+            tensors = networks.load_lora_state_dict(filename)
+            own = {id(t) for t in tensors.values()}
+            entries, strengths = {}, set()
+            for key, patches in clone.patches.items():
+                mine = [e for e in patches if any(id(t) in own for t in _patch_tensors(e[1]))]
+                if mine:
+                    entries[key] = [[e[0], e[1], e[2], None, None] for e in mine]
+                    strengths.update(float(e[0]) for e in mine)
+            name = names.get(filename, net.name)
+            if not entries:
+                continue
+            if len(strengths) != 1:
+                self.warn(f"{name}: its layers carry different strengths; merged by Forge as usual")
+                continue
+            strength = strengths.pop()
+            layers, problem = self._layers(clone, modules, entries, strength)
+            if problem:
+                self.warn(f"{name}: {problem}; merged by Forge as usual instead of composed")
+                continue
+            for key in entries:  # the clone's lists are its own copies
+                clone.patches[key] = [
+                    e for e in clone.patches[key] if not any(id(t) in own for t in _patch_tensors(e[1]))
+                ]
+                if not clone.patches[key]:
+                    del clone.patches[key]
+            yield name, strength, layers
+
+    def _layers(self, clone, modules: dict, entries: dict, strength: float):
+        """Forge's patch entries of one LoRA as the runtime's updates (module name -> update)."""
+        layers = {}
+        for key, patches in entries.items():
+            if not (isinstance(key, str) and key.startswith(UNET_PREFIX) and key.endswith(WEIGHT)):
+                return {}, f"it patches {key!r}, which is not a UNet layer's weight"
+            name = key[len(UNET_PREFIX) : -len(WEIGHT)]
+            module = modules.get(name)
+            if module is None:
+                return {}, f"no UNet layer {name}"
+            if len(patches) != 1:
+                return {}, f"layer {name} has {len(patches)} patches from one file"
+            entry_strength, (kind, values), strength_model, offset, function = patches[0]
+            if strength_model != 1.0 or offset is not None or function is not None:
+                return {}, f"layer {name} is patched in a way that is not a plain weight delta"
+            if kind == "lora":
+                up, down, alpha, mid = values[:4]
+                if len(values) > 4 and values[4] is not None:
+                    return {}, "DoRA layers depend on the merged weight and cannot be composed per row"
+                rank = down.shape[0]
+                # alpha / rank as Forge reads it, and this entry's strength relative to the LoRA's
+                ratio = float(entry_strength) / strength if strength else 1.0
+                alpha = (float(alpha) if alpha is not None else rank) * ratio
+                update = LayerUpdate(down=down, up=up, mid=mid, alpha=alpha)
+            else:
+                update = self._dense(clone, key, module, (kind, values), float(entry_strength), strength)
+            mismatch = layer_mismatch(module, update)
+            if mismatch:
+                return {}, f"layer {name} does not fit the model ({mismatch})"
+            layers[name] = update
+        return layers, None
+
+    def _dense(self, clone, key, module, patch, entry_strength: float, strength: float) -> LayerUpdate:
+        """LoHa, LoKr, full diff...: Forge's own delta of that patch, on the unmerged weight."""
+        original = clone.model.lora_loader.backup.get(key) if hasattr(clone.model, "lora_loader") else None
+        weight = (original if original is not None else module.weight).detach().float()
+        ratio = entry_strength / strength if strength else 1.0
+        with torch.no_grad():
+            if hasattr(clone, "lora_patches"):
+                from backend.patcher.lora import merge_lora_to_weight
+
+                merged = merge_lora_to_weight([[ratio, patch, 1.0, None, None]], weight.clone(), key)
+            else:
+                merged = clone.calculate_weight([(ratio, patch, 1.0)], weight.clone(), key)
+        return LayerUpdate(dense=(merged.float() - weight).to(weight.device))
+
+    # --- memory -------------------------------------------------------------------------------------
+
+    def _reserve_memory(self, clone, layers) -> None:
+        """Tell Forge the UNet batch is larger (its peak estimate) and the LoRA tensors need room."""
+        plan = StepComposer(self.rows.composer.config).plan(0, self.adapters, batch_size=1, cfg=True)
+        factor = len(plan.rows) / 2  # model rows per row of Forge's own CFG batch
+        max_rows = self.max_rows
+        previous = clone.model_options.get("memory_peak_estimation_modifier", clone.memory_required)
+
+        def estimate(input_shape):
+            rows = math.ceil(input_shape[0] * factor)
+            return previous([min(rows, max_rows) if max_rows else rows, *input_shape[1:]])
+
+        clone.set_memory_peak_estimation_modifier(estimate)
+        size = sum(
+            t.numel() * t.element_size()
+            for adapter_layers in layers
+            for update in adapter_layers.values()
+            for t in (update.down, update.up, update.mid, update.dense)
+            if t is not None
+        )
+        clone.add_extra_preserved_memory_during_sampling(size)
+
+    # --- the model call -----------------------------------------------------------------------------
+
+    def _wrapper(self, previous):
+        session = self
+
+        def model_function_wrapper(apply_model, args):
+            if session.error is not None:
+                message = session.error
+                session.close()
+                raise ValueError(message)
+
+            def composed(input, timestep, **c):
+                if session.rows is None:  # the generation ended: Forge's own call
+                    return apply_model(input, timestep, **c)
+                return session._compose(apply_model, input, timestep, c)
+
+            try:
+                if previous is not None:
+                    return previous(composed, args)
+                return composed(args["input"], args["timestep"], **args["c"])
+            except BaseException:
+                # Forge skips postprocess after an exception: leave the model as it was now.
+                session.close()
+                raise
+
+        return model_function_wrapper
+
+    def _compose(self, apply_model, input, timestep, c):
+        options = c.get("transformer_options") or {}
+        labels = _labels(input.shape[0], options)
+        step = _sampler_step(self.p.sampler.model_wrap_cfg)
+        rest = {key: value for key, value in c.items() if key != "transformer_options"}
+        mark = torch.tensor([float(label.branch == "uncond") for label in labels])
+        inputs = {"input": input, "timestep": timestep, "c": rest, "mark": mark}
+
+        def forward(input, timestep, c, mark):
+            # transformer_options for the expanded batch: every row its own chunk, so patches that
+            # split the batch by cond_or_uncond (or cond_mark) see each row's branch
+            branches = [int(m) for m in mark.tolist()]
+            row_options = dict(options)
+            row_options.update(
+                cond_or_uncond=branches,
+                sigmas=timestep,
+                cond_mark=mark.to(input.device),
+                cond_indices=[i for i, b in enumerate(branches) if b == 0],
+                uncond_indices=[i for i, b in enumerate(branches) if b == 1],
+            )
+            return apply_model(input, timestep, transformer_options=row_options, **c)
+
+        return self.rows(forward, inputs, labels, step, to_eps=_x0_to_eps, from_eps=_eps_to_x0)
+
+
+def _labels(rows: int, options: dict) -> list[RowLabel]:
+    """Each row's branch and image. Forge's call holds chunks of B rows (one per image), chunk i
+    cond (0) or uncond (1) as ``cond_or_uncond[i]`` says; a wrapper that batches tiles repeats that
+    whole layout, and each tile's rows count as images of their own (their weights are their own)."""
+    chunks = options.get("cond_or_uncond")
+    if not chunks:
+        raise RuntimeError(
+            "LoRAtorio: Forge's UNet call came without transformer_options['cond_or_uncond']; another "
+            "extension's model wrapper may be dropping it: turn one of them off"
+        )
+    sigmas = options.get("sigmas")
+    images = len(sigmas) if sigmas is not None else rows // len(chunks)
+    group = len(chunks) * images
+    if images < 1 or rows % group:
+        raise RuntimeError(
+            f"LoRAtorio: Forge's UNet call has {rows} rows, not a multiple of its {len(chunks)} chunks of "
+            f"{images} images; another extension may be re-batching: turn one of them off"
+        )
+    labels = []
+    for r in range(rows):
+        tile, within = divmod(r, group)
+        branch = "uncond" if chunks[within // images] == 1 else "cond"
+        labels.append(RowLabel(branch, tile * images + within % images))
+    return labels
+
+
+def _sigma(inputs, like: torch.Tensor) -> torch.Tensor:
+    sigma = inputs["timestep"].to(like)
+    return sigma.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _x0_to_eps(x0: torch.Tensor, inputs) -> torch.Tensor:
+    """Forge's apply_model returns x0 for every prediction type; x = x0 + sigma * eps."""
+    return (inputs["input"].to(x0) - x0) / _sigma(inputs, x0)
+
+
+def _eps_to_x0(eps: torch.Tensor, inputs) -> torch.Tensor:
+    return inputs["input"].to(eps) - _sigma(inputs, eps) * eps
+
+
+def _patch_tensors(patch) -> list[torch.Tensor]:
+    _, values = patch
+    return [t for t in values if isinstance(t, torch.Tensor)]
+
+
+def _network_names() -> dict[str, str]:
+    """File path -> the name the prompt used, from the built-in's loaded networks."""
+    networks = sys.modules.get("networks")
+    names = {}
+    for net in getattr(networks, "loaded_networks", []):
+        on_disk = getattr(net, "network_on_disk", None)
+        if on_disk is not None:
+            names[on_disk.filename] = net.name
+    return names

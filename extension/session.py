@@ -1,0 +1,122 @@
+"""One generation with LoRAtorio on, whatever the host: what it set up, so that all of it can be put
+back, and the module-level entry points the script and callbacks call.
+
+A host's session (``a1111.A1111Session``, ``forge.ForgeSession``) finds the LoRAs to compose at the
+start of every sampling pass (``begin_pass``), hands them to ``compose`` (per-row runtime on the
+host's UNet + a ``RowComposer`` over the host's labelled CFG rows), routes the host's UNet calls
+through it, and undoes everything in ``close``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from loratorio_core import Adapter
+from loratorio_core.lora import LayerUpdate, LoRARuntime
+from loratorio_core.rows import RowComposer
+
+from .args import Settings
+
+
+@dataclass
+class Session:
+    """What a generation with LoRAtorio on has changed, host-independent."""
+
+    settings: Settings | None
+    error: str | None = None
+    runtime: LoRARuntime | None = None
+    rows: RowComposer | None = None
+    adapters: list[Adapter] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    max_rows: int | None = None
+    passes: list = field(default_factory=list)  # (batch number, composer) of each sampling pass
+    batch_size: int = 1
+
+    def warn(self, message: str) -> None:
+        """Tell the user in the console, as WebUI extensions do (kept for tests too)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
+            print(f"LoRAtorio: {message}", file=sys.stderr)
+
+    def begin_pass(self, p) -> None:
+        raise NotImplementedError
+
+    def on_cfg_denoiser(self, params) -> None:
+        """A1111 reads its CFG batch layout here; other hosts do not need it."""
+
+    def compose(self, p, unet, adapters: list[Adapter], layers: list[Mapping[str, LayerUpdate]]) -> None:
+        """Start this pass's composition of ``adapters`` (their UNet ``layers``) on ``unet``."""
+        self.adapters = adapters
+        self.runtime = LoRARuntime(unet, layers).attach()
+        self.rows = RowComposer(
+            self.settings.config(len(adapters)),
+            adapters,
+            self.runtime,
+            max_rows=self.max_rows,
+            record_weights=self.settings.show_maps,
+        )
+        self.passes.append((getattr(p, "iteration", 0), self.rows))
+        self.batch_size = getattr(p, "batch_size", 1)
+
+    def pool_layers(self, networks, unet, taken: set[str]) -> Iterator[tuple[str, dict[str, LayerUpdate]]]:
+        """(name, UNet layers) of the pool's LoRAs not already composed from the prompt."""
+        from loratorio_core.lora import bind_lora, layer_aliases
+
+        from .pools import load_cached, resolve
+
+        aliases = layer_aliases(unet)
+        for path in resolve(self.settings.pool, networks.available_network_aliases):
+            if path.stem in taken:
+                continue
+            bound = bind_lora(unet, load_cached(path), "unet", aliases)
+            yield path.stem, bound.layers
+
+    def last_pass_of_batch(self) -> dict[int, RowComposer]:
+        """The composer of each batch's last pass (its hires pass when there is one)."""
+        return {batch: rows for batch, rows in self.passes}
+
+    def end_pass(self) -> None:
+        if self.runtime is not None:
+            self.runtime.detach()
+        self.runtime = self.rows = None
+
+    def close(self) -> None:
+        """Put everything back."""
+        self.end_pass()
+
+
+_session: Session | None = None
+
+
+def start(p, settings: Settings, kind: type[Session], max_rows: int | None = None) -> Session:
+    stop()
+    global _session
+    _session = kind(settings, max_rows=max_rows)
+    p.extra_generation_params.update(settings.infotext())
+    return _session
+
+
+def fail(error: Exception, kind: type[Session]) -> Session:
+    """Bad script arguments: the generation stops at its first UNet call with this message."""
+    stop()
+    global _session
+    _session = kind(None, error=str(error))
+    return _session
+
+
+def current() -> Session | None:
+    return _session
+
+
+def stop() -> None:
+    global _session
+    if _session is not None:
+        _session.close()
+        _session = None
+
+
+def on_cfg_denoiser(params) -> None:
+    if _session is not None:
+        _session.on_cfg_denoiser(params)

@@ -1,0 +1,62 @@
+"""A faithful fake of Stable Diffusion WebUI Forge (new "backend" Forge, f2.0.1v1.10.1, commit
+dfdcbab6) for the extension's tests, written from Forge's source: UnetPatcher (clone: lora_patches
+copied shallowly, model_options deeply), the LoRA patch dictionary and the loader that merges it at
+sampling start, KModel (sigma in, x0 out), the sampling function whose calc_cond_uncond_batch calls
+model_options' model_function_wrapper with cond_or_uncond, Forge's processing flow with its three
+process_before_every_sampling calls under hires fix, and the built-in LoRA. The rest of ``modules``
+is the A1111 fake's. A test fixture, never shipped."""
+
+import os
+import sys
+from types import SimpleNamespace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+A1111 = os.path.join(os.path.dirname(HERE), "fake_a1111")
+_PATHS = [HERE, os.path.join(HERE, "lora_builtin"), os.path.join(A1111, "lora_builtin"), A1111]
+_MODULES = ("modules", "gradio", "networks", "network", "extra_networks_lora", "backend", "modules_forge")
+
+
+def _purge():
+    for name in list(sys.modules):
+        if (
+            name.split(".")[0] in _MODULES
+            or name.startswith("loratorio_extension")
+            or name == "loratorio_script"
+        ):
+            del sys.modules[name]
+
+
+def install(lora_dir, **model_kwargs):
+    """Put the fake Forge on sys.modules with a FakeForgeSD(**model_kwargs) loaded and LoRAs listed
+    from ``lora_dir``; the model is ``.sd`` of the result."""
+    _purge()
+    for path in reversed(_PATHS):
+        sys.path.insert(0, path)
+    import extra_networks_lora
+    import networks
+    from backend import memory_management
+    from modules import errors, extra_networks, shared
+
+    from fake_forge.model import FakeForgeSD
+
+    sd_model = FakeForgeSD(**model_kwargs)
+
+    errors.reported.clear()
+    memory_management.unload_all_models()
+    shared.sd_model = sd_model
+    shared.cmd_opts.lora_dir = str(lora_dir)
+    shared.state.interrupted = shared.state.skipped = False
+    networks.list_available_networks()
+    networks.load_lora_state_dict.cache_clear()
+    extra_networks.extra_network_registry.clear()
+    extra_networks.register_extra_network(extra_networks_lora.ExtraNetworkLora())
+    return SimpleNamespace(
+        shared=shared, networks=networks, errors=errors, memory=memory_management, sd=sd_model
+    )
+
+
+def uninstall():
+    for path in _PATHS:
+        while path in sys.path:
+            sys.path.remove(path)
+    _purge()

@@ -1,0 +1,72 @@
+"""A tiny SD1/SDXL-shaped checkpoint as Forge holds it: patchers in ``forge_objects`` (UNet patcher over
+a KModel over the LDM-layout UNet, whose Linear layers are Forge's own, not ``nn.Linear``), the CLIP
+patcher whose LoRAs merge before encoding, eps or v prediction, inpainting."""
+
+import torch
+import torch.nn.functional as F
+from backend.diffusion_engine.base import ForgeObjects
+from backend.modules.k_model import KModel
+from backend.modules.k_prediction import Prediction
+from backend.patcher.base import ModelPatcher
+from backend.patcher.unet import UnetPatcher
+
+from fake_a1111.model import FakeSD
+
+
+class ForgeLinear(torch.nn.Module):
+    """ForgeOperations.Linear: a Linear that is not a ``torch.nn.Linear``."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def _forge_operations(module):
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.Linear):
+            setattr(module, name, ForgeLinear(child))
+        else:
+            _forge_operations(child)
+
+
+class FakeCLIP(ModelPatcher):
+    @property
+    def cond_stage_model(self):
+        return self.model
+
+    def clone(self):
+        n = FakeCLIP(self.model, self.load_device, self.offload_device)
+        n.lora_patches = self.lora_patches.copy()
+        return n
+
+
+class FakeForgeSD:
+    def __init__(self, xl=False, parameterization="eps", inpaint=False, seed=0):
+        source = FakeSD(xl=xl, parameterization=parameterization, inpaint=inpaint, seed=seed)
+        unet = source.model.diffusion_model
+        _forge_operations(unet)
+        prediction = "v_prediction" if parameterization == "v" else "epsilon"
+        kmodel = KModel(unet, Prediction(source.alphas_cumprod, prediction))
+        cpu = torch.device("cpu")
+        objects = ForgeObjects(
+            UnetPatcher(kmodel, cpu, cpu), FakeCLIP(source.cond_stage_model, cpu, cpu), None, None
+        )
+        self.forge_objects = objects
+        self.forge_objects_original = objects.shallow_copy()
+        self.forge_objects_after_applying_lora = objects.shallow_copy()
+        self.current_lora_hash = str([])
+        self.is_sdxl, self.is_inpaint, self.parameterization = xl, inpaint, parameterization
+        self.alphas_cumprod = source.alphas_cumprod
+        self._source = source
+
+    def get_learned_conditioning(self, prompts):
+        clip = self.forge_objects.clip
+        clip.refresh_loras()  # Forge loads the CLIP patcher (merging its LoRAs) to encode
+        return clip.model(prompts)
+
+    def image_conditioning(self, x, mask):
+        return self._source.image_conditioning(x, mask)

@@ -1,0 +1,303 @@
+"""The extension inside (a faithful fake of) Forge: whole generations through the real entry script,
+with Forge's UNet patcher, LoRA patches, model wrapper and processing flow, checked against the
+method computed independently on merged copies."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fake_forge
+from fake_a1111.model import FakeSD
+from test_a1111_extension import ON, PROMPT, expected_txt2img, write_loras
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {"d": 2, "tau": 0.05, "lam": 0.5}
+
+
+def _install(tmp_path, **model_kwargs):
+    write_loras(tmp_path / "Lora", FakeSD(**model_kwargs))  # same seed and names as Forge's copy
+    fake = fake_forge.install(tmp_path / "Lora", **model_kwargs)
+    spec = importlib.util.spec_from_file_location("loratorio.py", ROOT / "scripts" / "loratorio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fake.script_module, fake.script_class = module, module.LoRAtorioScript
+    return fake
+
+
+@pytest.fixture
+def forge(tmp_path):
+    yield _install(tmp_path)
+    fake_forge.uninstall()
+
+
+def generate(forge, prompt, args=None, *, txt2img=True, with_script=True, others=(), **kwargs):
+    from modules import processing, scripts
+
+    runner = scripts.ScriptRunner([*others, forge.script_class()] if with_script else list(others))
+    script_args = list(args) if args is not None else runner.default_args()
+    if others and args is not None:
+        script_args = [None] * (len(runner.inputs) - len(script_args)) + script_args
+    cls = (
+        processing.StableDiffusionProcessingTxt2Img
+        if txt2img
+        else processing.StableDiffusionProcessingImg2Img
+    )
+    defaults = dict(negative_prompt="blurry", steps=4, width=64, height=64, cfg_scale=6.0)
+    p = cls(prompt=prompt, scripts=runner, script_args=script_args, **{**defaults, **kwargs})
+    return processing.process_images(p), p
+
+
+def _clean(root: torch.nn.Module, backup: dict) -> torch.nn.Module:
+    """A copy of ``root`` with Forge's merged LoRAs taken back out (its loader's backups)."""
+    out = copy.deepcopy(root)
+    out.__dict__.pop("lora_loader", None)
+    with torch.no_grad():
+        for key, weight in backup.items():
+            parent, name = key.rsplit(".", 1)
+            setattr(out.get_submodule(parent), name, torch.nn.Parameter(weight.clone(), requires_grad=False))
+    return out
+
+
+def expected(forge, **kwargs):
+    """The method on the fake's schedule, from merged copies of Forge's clean UNet and text encoder."""
+    sd = forge.sd
+    kmodel = sd.forge_objects_original.unet.model
+    clip = sd.forge_objects_original.clip.model
+    view = SimpleNamespace(
+        shared=forge.shared,
+        sd=SimpleNamespace(
+            model=SimpleNamespace(diffusion_model=_clean(kmodel, kmodel.lora_loader.backup).diffusion_model),
+            cond_stage_model=_clean(clip, clip.lora_loader.backup),
+            parameterization=sd.parameterization,
+            alphas_cumprod=sd.alphas_cumprod,
+        ),
+    )
+    return expected_txt2img(view, ["l0", "l1"], SETTINGS, **kwargs)
+
+
+def _hooks(forge) -> int:
+    unet = forge.sd.forge_objects_original.unet.model.diffusion_model
+    return sum(len(m._forward_hooks) for m in unet.modules())
+
+
+def test_forge_is_detected_and_its_host_drives_the_generation(forge):
+    from loratorio_extension import script
+
+    assert script.HOST == "forge"
+
+
+def test_composes_the_prompts_loras_instead_of_letting_forge_merge_them(forge):
+    result, _ = generate(forge, PROMPT, ON)
+    torch.testing.assert_close(result.images[0], expected(forge)[0], atol=2e-4, rtol=1e-4)
+    info = result.infotexts[0]
+    assert "LoRAtorio: True" in info and "Lora hashes: l0: " in info
+
+
+def test_forge_never_merges_the_composed_loras_and_its_own_patches_stay(forge):
+    kmodel = forge.sd.forge_objects_original.unet.model
+    before = {n: p.detach().clone() for n, p in kmodel.diffusion_model.named_parameters()}
+    generate(forge, PROMPT, ON)
+    after = dict(kmodel.diffusion_model.named_parameters())
+    assert all(torch.equal(after[n], w) for n, w in before.items())  # no double application
+    # the LoRA-applied patcher all passes start from still has both LoRAs: only our clone lost them
+    assert len(forge.sd.forge_objects_after_applying_lora.unet.lora_patches) == 2
+    assert _hooks(forge) == 0
+    # and the next generation without LoRAtorio merges them as Forge always does
+    plain, _ = generate(forge, PROMPT, with_script=False)
+    assert not all(torch.equal(p, before[n]) for n, p in kmodel.diffusion_model.named_parameters())
+
+
+def test_with_loratorio_off_nothing_changes_bit_for_bit(forge):
+    off = [False, *ON[1:]]
+    with_off, _ = generate(forge, PROMPT, off)
+    without, _ = generate(forge, PROMPT, with_script=False)
+    assert torch.equal(with_off.images[0], without.images[0])
+    assert with_off.infotexts == without.infotexts
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"batch_size": 2}, {"batch_size": 2, "n_iter": 2}, {"sampler_name": "Heun"}, {"enable_hr": True}],
+    ids=["batch-2", "batch-count-2", "second-order", "hires-fix"],
+)
+def test_every_generation_mode_runs_composed_and_restored(forge, kwargs):
+    script = forge.script_class()
+    passes = []
+    original = script.process_before_every_sampling
+
+    def spy(p, *args, **kw):
+        original(p, *args, **kw)
+        from loratorio_extension import session
+
+        active = session.current()
+        passes.append((p.is_hr_pass, active.rows is not None, len(active.adapters)))
+
+    script.process_before_every_sampling = spy
+    forge.script_class = lambda: script
+    result, _ = generate(forge, PROMPT, ON, **kwargs)
+    assert all(torch.isfinite(image).all() for image in result.images)
+    assert len(result.images) == kwargs.get("batch_size", 1) * kwargs.get("n_iter", 1)
+    assert _hooks(forge) == 0
+    if kwargs.get("enable_hr"):
+        # new Forge calls the hook 3 times: first pass, hires on the old objects (ignored), hires
+        assert passes == [(False, True, 2), (True, True, 2), (True, True, 2)]
+    if kwargs == {"batch_size": 2}:
+        torch.testing.assert_close(result.images[0], expected(forge)[0], atol=2e-4, rtol=1e-4)
+    if kwargs == {"sampler_name": "Heun"}:
+        plain, _ = generate(forge, PROMPT, with_script=False, sampler_name="Heun")
+        assert not torch.equal(plain.images[0], result.images[0])
+
+
+@pytest.mark.parametrize("model", [{"parameterization": "v"}, {"xl": True}], ids=["v-prediction", "sdxl"])
+def test_v_prediction_and_sdxl_models_compose_on_eps(tmp_path, model):
+    forge = _install(tmp_path, **model)
+    try:
+        result, _ = generate(forge, PROMPT, ON)
+        if model.get("xl"):  # dict conditioning (crossattn + vector) reaches every row
+            plain, _ = generate(forge, PROMPT, with_script=False)
+            assert torch.isfinite(result.images[0]).all() and not torch.equal(
+                plain.images[0], result.images[0]
+            )
+        else:
+            torch.testing.assert_close(result.images[0], expected(forge)[0], atol=3e-4, rtol=1e-4)
+    finally:
+        fake_forge.uninstall()
+
+
+def test_inpainting_and_img2img_compose_with_the_image_conditioning_following_the_rows(tmp_path):
+    forge = _install(tmp_path, inpaint=True)
+    try:
+        mask = torch.zeros(1, 1, 8, 8)
+        mask[..., 4:] = 1
+        init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+        kwargs = dict(txt2img=False, init_latent=init, mask=mask)
+        plain, _ = generate(forge, PROMPT, with_script=False, **kwargs)
+        composed, _ = generate(forge, PROMPT, ON, **kwargs)
+        assert torch.isfinite(composed.images[0]).all() and not torch.equal(
+            plain.images[0], composed.images[0]
+        )
+        assert _hooks(forge) == 0
+    finally:
+        fake_forge.uninstall()
+
+
+def test_and_prompts_compose_every_sub_prompt(forge):
+    result, _ = generate(forge, "a cat AND a hat <lora:l0:0.8> <lora:l1:1.0>", ON)
+    plain, _ = generate(forge, "a cat AND a hat <lora:l0:0.8> <lora:l1:1.0>", with_script=False)
+    assert torch.isfinite(result.images[0]).all() and not torch.equal(result.images[0], plain.images[0])
+
+
+def test_cond_and_uncond_in_separate_calls_give_the_same_image_when_the_uncond_is_the_bases(forge):
+    """Forge splits the chunks when memory is short (uncond first, alone): with lam = 1 the uncond
+    branch is the base model's, which needs nothing from the cond rows."""
+    lam1 = [True, "LoRAtorio", 2, 0.05, 1.0, "", 0, 1, False]
+    together, _ = generate(forge, PROMPT, lam1)
+    forge.sd.forge_objects_after_applying_lora.unet.model_options["fake_max_chunks_per_call"] = 1
+    apart, _ = generate(forge, PROMPT, lam1)
+    torch.testing.assert_close(apart.images[0], together.images[0], atol=3e-4, rtol=1e-3)
+
+
+def other_wrapper_script(tile: bool):
+    """Another extension that puts its own model_function_wrapper in the slot before ours runs;
+    with ``tile``, MultiDiffusion-like: "tiles" (here the whole latent twice) batched into one call."""
+    from modules import scripts
+
+    class OtherWrapper(scripts.Script):
+        calls = 0
+
+        def title(self):
+            return "Other"
+
+        def show(self, is_img2img):
+            return scripts.AlwaysVisible
+
+        def ui(self, is_img2img):
+            return []
+
+        def process_before_every_sampling(self, p, *args, **kwargs):
+            unet = p.sd_model.forge_objects.unet.clone()
+            script = self
+
+            def wrapper(model_function, args):
+                script.calls += 1
+                x, t, c = args["input"], args["timestep"], args["c"]
+                if not tile:
+                    return model_function(x, t, **c)
+                doubled = {k: (torch.cat([v, v]) if torch.is_tensor(v) else v) for k, v in c.items()}
+                out = model_function(torch.cat([x, x]), torch.cat([t, t]), **doubled)
+                return (out[: x.shape[0]] + out[x.shape[0] :]) / 2
+
+            unet.set_model_unet_function_wrapper(wrapper)
+            p.sd_model.forge_objects.unet = unet
+
+    return OtherWrapper()
+
+
+@pytest.mark.parametrize("tile", [False, True], ids=["pass-through", "tile-batching"])
+def test_a_wrapper_already_in_the_slot_still_runs_around_ours(forge, tile):
+    alone, _ = generate(forge, PROMPT, ON)
+    other = other_wrapper_script(tile)
+    chained, _ = generate(forge, PROMPT, ON, others=[other])
+    assert other.calls == 4 and not forge.errors.reported
+    torch.testing.assert_close(chained.images[0], alone.images[0], atol=3e-4, rtol=1e-3)
+
+
+def test_forge_is_told_the_larger_batch_and_the_lora_tensors(forge):
+    generate(forge, PROMPT, with_script=False)
+    plain = dict(forge.memory.last_load)
+    generate(forge, PROMPT, ON)
+    composed = dict(forge.memory.last_load)
+    # 2 LoRAs, lam < 1: 2N + 2 = 6 rows per image instead of CFG's 2
+    assert composed["memory_required"] == 3 * plain["memory_required"]
+    assert composed["hard_memory_preservation"] > plain["hard_memory_preservation"]
+
+
+def test_an_exception_inside_a_pass_leaves_the_model_as_it_was(forge):
+    unet = forge.sd.forge_objects_original.unet.model.diffusion_model
+    baseline, _ = generate(forge, PROMPT, with_script=False)
+
+    def boom(module, args, output):
+        raise RuntimeError("a failing layer")
+
+    handle = unet.out[2].register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="a failing layer"):
+        generate(forge, PROMPT, ON)
+    handle.remove()
+    assert _hooks(forge) == 0
+    after, _ = generate(forge, PROMPT, with_script=False)
+    assert torch.equal(after.images[0], baseline.images[0])
+
+
+def test_interrupt_mid_generation_ends_cleanly(forge):
+    from modules import script_callbacks, shared
+
+    def interrupt_at_second_step(params):
+        if params.denoiser.step == 1:
+            shared.state.interrupted = True
+
+    script_callbacks.on_cfg_denoiser(interrupt_at_second_step)
+    result, _ = generate(forge, PROMPT, ON)
+    shared.state.interrupted = False
+    assert len(result.images) == 1 and torch.isfinite(result.images[0]).all()
+    assert _hooks(forge) == 0
+
+
+def test_bad_api_arguments_fail_the_generation_with_a_clear_message(forge):
+    with pytest.raises(ValueError, match=r"LoRAtorio argument 1 \(mode\)"):
+        generate(forge, PROMPT, [True, "Blend"])
+    ok, _ = generate(forge, PROMPT, with_script=False)
+    assert torch.isfinite(ok.images[0]).all()
+
+
+def test_a_pool_without_prompt_tags_is_composed_keeping_the_top_k(forge):
+    pool = [True, "LoRAtorio", 2, 0.05, 0.5, "l0, l1, l2", 2, 1, False]
+    result, _ = generate(forge, "a cat", pool)
+    assert "LoRAtorio kept: " in result.infotexts[0]
+    kept = result.infotexts[0].split("LoRAtorio kept: ")[1].split(",")[:2]
+    assert len(kept) == 2 and _hooks(forge) == 0
