@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"d": 2, "tau": 0.05, "lam": 0.5}
 
 
-def _install(tmp_path, **model_kwargs):
+def _install(tmp_path, old=False, **model_kwargs):
     write_loras(tmp_path / "Lora", FakeSD(**model_kwargs))  # same seed and names as Forge's copy
-    fake = fake_forge.install(tmp_path / "Lora", **model_kwargs)
+    fake = fake_forge.install(tmp_path / "Lora", old=old, **model_kwargs)
     spec = importlib.util.spec_from_file_location("loratorio.py", ROOT / "scripts" / "loratorio.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -30,10 +30,19 @@ def _install(tmp_path, **model_kwargs):
     return fake
 
 
-@pytest.fixture
-def forge(tmp_path):
-    yield _install(tmp_path)
+@pytest.fixture(params=["forge", "forge-old"])
+def forge(request, tmp_path):
+    """Each test runs on the "backend" Forge and on the ldm_patched one (f0, as reForge)."""
+    fake = _install(tmp_path, old=request.param == "forge-old")
+    fake.host = request.param
+    yield fake
     fake_forge.uninstall()
+
+
+def _backup(model) -> dict:
+    """The original weights Forge keeps while LoRAs are merged (f2: its loader; f0: per load)."""
+    loader = getattr(model, "lora_loader", None)
+    return loader.backup if loader is not None else model.__dict__.get("_fake_weight_backup", {})
 
 
 def generate(forge, prompt, args=None, *, txt2img=True, with_script=True, others=(), **kwargs):
@@ -57,6 +66,7 @@ def _clean(root: torch.nn.Module, backup: dict) -> torch.nn.Module:
     """A copy of ``root`` with Forge's merged LoRAs taken back out (its loader's backups)."""
     out = copy.deepcopy(root)
     out.__dict__.pop("lora_loader", None)
+    out.__dict__.pop("_fake_weight_backup", None)
     with torch.no_grad():
         for key, weight in backup.items():
             parent, name = key.rsplit(".", 1)
@@ -72,8 +82,8 @@ def expected(forge, **kwargs):
     view = SimpleNamespace(
         shared=forge.shared,
         sd=SimpleNamespace(
-            model=SimpleNamespace(diffusion_model=_clean(kmodel, kmodel.lora_loader.backup).diffusion_model),
-            cond_stage_model=_clean(clip, clip.lora_loader.backup),
+            model=SimpleNamespace(diffusion_model=_clean(kmodel, _backup(kmodel)).diffusion_model),
+            cond_stage_model=_clean(clip, _backup(clip)),
             parameterization=sd.parameterization,
             alphas_cumprod=sd.alphas_cumprod,
         ),
@@ -89,7 +99,7 @@ def _hooks(forge) -> int:
 def test_forge_is_detected_and_its_host_drives_the_generation(forge):
     from loratorio_extension import script
 
-    assert script.HOST == "forge"
+    assert script.HOST == forge.host
 
 
 def test_composes_the_prompts_loras_instead_of_letting_forge_merge_them(forge):
@@ -106,7 +116,11 @@ def test_forge_never_merges_the_composed_loras_and_its_own_patches_stay(forge):
     after = dict(kmodel.diffusion_model.named_parameters())
     assert all(torch.equal(after[n], w) for n, w in before.items())  # no double application
     # the LoRA-applied patcher all passes start from still has both LoRAs: only our clone lost them
-    assert len(forge.sd.forge_objects_after_applying_lora.unet.lora_patches) == 2
+    patcher = forge.sd.forge_objects_after_applying_lora.unet
+    if forge.host == "forge":
+        assert len(patcher.lora_patches) == 2
+    else:
+        assert all(len(entries) == 2 for entries in patcher.patches.values())
     assert _hooks(forge) == 0
     # and the next generation without LoRAtorio merges them as Forge always does
     plain, _ = generate(forge, PROMPT, with_script=False)
@@ -146,7 +160,8 @@ def test_every_generation_mode_runs_composed_and_restored(forge, kwargs):
     assert _hooks(forge) == 0
     if kwargs.get("enable_hr"):
         # new Forge calls the hook 3 times: first pass, hires on the old objects (ignored), hires
-        assert passes == [(False, True, 2), (True, True, 2), (True, True, 2)]
+        hires = [(True, True, 2)] * (2 if forge.host == "forge" else 1)
+        assert passes == [(False, True, 2), *hires]
     if kwargs == {"batch_size": 2}:
         torch.testing.assert_close(result.images[0], expected(forge)[0], atol=2e-4, rtol=1e-4)
     if kwargs == {"sampler_name": "Heun"}:

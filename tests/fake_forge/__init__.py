@@ -12,8 +12,18 @@ from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 A1111 = os.path.join(os.path.dirname(HERE), "fake_a1111")
+OLD = os.path.join(HERE, "old")
 _PATHS = [HERE, os.path.join(HERE, "lora_builtin"), os.path.join(A1111, "lora_builtin"), A1111]
-_MODULES = ("modules", "gradio", "networks", "network", "extra_networks_lora", "backend", "modules_forge")
+_MODULES = (
+    "modules",
+    "gradio",
+    "networks",
+    "network",
+    "extra_networks_lora",
+    "backend",
+    "modules_forge",
+    "ldm_patched",
+)
 
 
 def _purge():
@@ -26,21 +36,28 @@ def _purge():
             del sys.modules[name]
 
 
-def install(lora_dir, **model_kwargs):
+def install(lora_dir, old=False, **model_kwargs):
     """Put the fake Forge on sys.modules with a FakeForgeSD(**model_kwargs) loaded and LoRAs listed
-    from ``lora_dir``; the model is ``.sd`` of the result."""
+    from ``lora_dir``; the model is ``.sd`` of the result. ``old``: the ldm_patched Forge (tag
+    "previous"), whose patchers keep per-parameter patch lists and which has no ``backend`` package
+    (the fake's shared internals are imported first, then hidden from the import system)."""
     _purge()
-    for path in reversed(_PATHS):
+    paths = [OLD, HERE, os.path.join(A1111, "lora_builtin"), A1111] if old else _PATHS
+    for path in reversed(paths):
         sys.path.insert(0, path)
     import extra_networks_lora
     import networks
     from backend import memory_management
-    from modules import errors, extra_networks, shared
+    from modules import errors, extra_networks, processing, shared
 
     from fake_forge.model import FakeForgeSD
 
-    sd_model = FakeForgeSD(**model_kwargs)
-
+    processing.OLD_FORGE = old
+    sd_model = FakeForgeSD(old=old, **model_kwargs)
+    if old:
+        sys.path.remove(HERE)
+        for name in [n for n in sys.modules if n == "backend" or n.startswith("backend.")]:
+            del sys.modules[name]
     errors.reported.clear()
     memory_management.unload_all_models()
     shared.sd_model = sd_model
@@ -56,7 +73,7 @@ def install(lora_dir, **model_kwargs):
 
 
 def uninstall():
-    for path in _PATHS:
+    for path in [OLD, *_PATHS]:
         while path in sys.path:
             sys.path.remove(path)
     _purge()

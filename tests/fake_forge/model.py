@@ -45,16 +45,21 @@ class FakeCLIP(ModelPatcher):
 
 
 class FakeForgeSD:
-    def __init__(self, xl=False, parameterization="eps", inpaint=False, seed=0):
+    def __init__(self, xl=False, parameterization="eps", inpaint=False, seed=0, old=False):
         source = FakeSD(xl=xl, parameterization=parameterization, inpaint=inpaint, seed=seed)
         unet = source.model.diffusion_model
         _forge_operations(unet)
         prediction = "v_prediction" if parameterization == "v" else "epsilon"
         kmodel = KModel(unet, Prediction(source.alphas_cumprod, prediction))
         cpu = torch.device("cpu")
-        objects = ForgeObjects(
-            UnetPatcher(kmodel, cpu, cpu), FakeCLIP(source.cond_stage_model, cpu, cpu), None, None
-        )
+        if old:  # ldm_patched Forge: per-parameter patch lists
+            from modules_forge.unet_patcher import OldCLIP
+            from modules_forge.unet_patcher import UnetPatcher as OldUnetPatcher
+
+            patchers = OldUnetPatcher(kmodel, cpu, cpu), OldCLIP(source.cond_stage_model, cpu, cpu)
+        else:
+            patchers = UnetPatcher(kmodel, cpu, cpu), FakeCLIP(source.cond_stage_model, cpu, cpu)
+        objects = ForgeObjects(*patchers, None, None)
         self.forge_objects = objects
         self.forge_objects_original = objects.shallow_copy()
         self.forge_objects_after_applying_lora = objects.shallow_copy()

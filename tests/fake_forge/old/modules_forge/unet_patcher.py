@@ -1,0 +1,40 @@
+"""modules_forge.unet_patcher (old Forge): the UNet patcher with Forge's sampling extras."""
+
+from ldm_patched.modules.model_patcher import ModelPatcher
+
+
+class UnetPatcher(ModelPatcher):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.controlnet_linked_list = None
+        self.extra_preserved_memory_during_sampling = 0
+        self.extra_model_patchers_during_sampling = []
+        self.extra_concat_condition = None
+
+    def clone(self):
+        n = self._copy_into(
+            UnetPatcher(self.model, self.load_device, self.offload_device, self.size, self.current_device)
+        )
+        n.controlnet_linked_list = self.controlnet_linked_list
+        n.extra_preserved_memory_during_sampling = self.extra_preserved_memory_during_sampling
+        n.extra_model_patchers_during_sampling = self.extra_model_patchers_during_sampling.copy()
+        n.extra_concat_condition = self.extra_concat_condition
+        return n
+
+    def add_extra_preserved_memory_during_sampling(self, memory_in_bytes: int):
+        self.extra_preserved_memory_during_sampling += memory_in_bytes
+
+    def set_memory_peak_estimation_modifier(self, modifier):
+        self.model_options["memory_peak_estimation_modifier"] = modifier
+
+    def list_controlnets(self):
+        return []
+
+
+class OldCLIP(ModelPatcher):
+    @property
+    def cond_stage_model(self):
+        return self.model
+
+    def clone(self):
+        return self._copy_into(OldCLIP(self.model, self.load_device, self.offload_device))
