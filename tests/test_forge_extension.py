@@ -316,3 +316,22 @@ def test_a_pool_without_prompt_tags_is_composed_keeping_the_top_k(forge):
     assert "LoRAtorio kept: " in result.infotexts[0]
     kept = result.infotexts[0].split("LoRAtorio kept: ")[1].split(",")[:2]
     assert len(kept) == 2 and _hooks(forge) == 0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "test_xyz_axes_set_the_cells_settings",
+        "test_infotext_fields_paste_the_settings_back",
+        "test_api_alwayson_args_take_defaults_for_what_is_missing",
+        "test_show_weight_maps_adds_one_overlay_per_lora_and_image",
+        "test_rows_per_forward_setting_gives_the_same_image",
+        "test_auto_compose_turns_loratorio_on_for_two_or_more_prompt_loras",
+        "test_settings_section_is_registered",
+    ],
+)
+def test_the_webui_conventions_hold_on_forge_as_on_a1111(forge, name):
+    """X/Y/Z axes, infotext paste-back, API defaults, weight maps, settings: the A1111 tests, run on Forge."""
+    import test_a1111_extension
+
+    getattr(test_a1111_extension, name)(forge)
