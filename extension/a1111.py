@@ -35,6 +35,7 @@ class Layout:
     labels: list[RowLabel]
     step: int
     cursor: int = 0
+    text: dict | None = None  # per-LoRA text: adapter index (None: base) -> this step's rows, in order
 
 
 @dataclass
@@ -44,6 +45,7 @@ class A1111Session(Session):
     sd_model: object = None
     layout: Layout | None = None
     conversions: tuple = (None, None)  # (to_eps, from_eps) for v-prediction models
+    text: dict | None = None  # per-LoRA text: adapter index (None: base) -> (c, uc) as encoded for it
     pending: object = None  # A1111 < 1.9: the p whose pass begins at the next on_cfg_denoiser
     _wrapped: bool = False
     _previous_apply: object = None
@@ -85,6 +87,8 @@ class A1111Session(Session):
                 return
         if not adapters:
             return
+        if self.per_lora_text:
+            self.text = _encode_per_adapter(p, networks, composed)
         # In place: the built-in's other modules hold this very list.
         networks.loaded_networks[:] = [net for net in networks.loaded_networks if net not in composed]
         self.compose(p, unet, adapters, layers)
@@ -153,8 +157,24 @@ class A1111Session(Session):
             return original(x, t, cond, *extra, **kwargs)
 
         to_eps, from_eps = self.conversions
+        start = layout.cursor - x.shape[0]
+        adapter_inputs = None
+        if layout.text:
+            adapter_inputs = {
+                key: {"cond": _text_part(cond, _slice_rows(rows, start, layout.cursor))}
+                for key, rows in layout.text.items()
+            }
+            if any(part["cond"] is None for part in adapter_inputs.values()):
+                self.warn("per-LoRA text encodings do not fit this UNet call's conditioning; shared used")
+                adapter_inputs = None
         return self.rows(
-            forward, {"x": x, "t": t, "cond": cond}, labels, layout.step, to_eps=to_eps, from_eps=from_eps
+            forward,
+            {"x": x, "t": t, "cond": cond},
+            labels,
+            layout.step,
+            to_eps=to_eps,
+            from_eps=from_eps,
+            adapter_inputs=adapter_inputs,
         )
 
     def on_cfg_denoiser(self, params) -> None:
@@ -171,6 +191,65 @@ class A1111Session(Session):
         labels = [RowLabel("cond", i) for i, n in enumerate(repeats) for _ in range(n)]
         labels += [RowLabel("uncond", i) for i in range(images)]
         self.layout = Layout(labels, _sampler_step(params.denoiser))
+        if self.text:
+            from modules import prompt_parser
+
+            step = params.denoiser.step  # the denoiser reconstructs the scheduled prompts at its own count
+            self.layout.text = {
+                key: _cat_rows(
+                    prompt_parser.reconstruct_multicond_batch(c, step)[1],
+                    prompt_parser.reconstruct_cond_batch(uc, step),
+                )
+                for key, (c, uc) in self.text.items()
+            }
+
+
+def _encode_per_adapter(p, networks, composed) -> dict:
+    """The pass's prompts encoded once with no composed LoRA's text-encoder part (key None) and once
+    with each one's alone (key: its index), by the host's own setup_conds; p's conds are kept."""
+    hires = bool(getattr(p, "is_hr_pass", False))
+    names = ("hr_c", "hr_uc") if hires else ("c", "uc")
+    kept = {name: getattr(p, name, None) for name in ("c", "uc", "hr_c", "hr_uc")}
+    shared = list(networks.loaded_networks)
+    others = [net for net in shared if net not in composed]
+    encoded = {}
+    try:
+        for key, nets in [(None, [])] + [(i, [net]) for i, net in enumerate(composed)]:
+            networks.loaded_networks[:] = others + nets
+            for cache in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+                setattr(p, cache, [None, None])  # this instance only: A1111's shared caches stay
+            p.setup_conds()
+            encoded[key] = tuple(getattr(p, name) for name in names)
+    finally:
+        networks.loaded_networks[:] = shared
+        for cache in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+            p.__dict__.pop(cache, None)
+        for name, value in kept.items():
+            setattr(p, name, value)
+    return encoded
+
+
+def _cat_rows(cond, uncond):
+    """A CFG batch's text rows: the cond rows, then the uncond rows (tensors or SDXL dicts)."""
+    if isinstance(cond, dict):
+        return {key: torch.cat([cond[key], uncond[key]]) for key in cond}
+    return torch.cat([cond, uncond])
+
+
+def _slice_rows(rows, start: int, stop: int):
+    if isinstance(rows, dict):
+        return {key: value[start:stop] for key, value in rows.items()}
+    return rows[start:stop]
+
+
+def _text_part(cond, rows):
+    """The text part of an apply_model ``cond`` with ``rows`` in it; None when the shapes differ."""
+    if isinstance(rows, dict):  # SDXL: crossattn and vector
+        part = {key: rows[key] for key in ("crossattn", "vector") if key in cond}
+        ok = all(tuple(cond[k].shape) == tuple(v.shape) for k, v in part.items())
+        return part if ok else None
+    current = cond["c_crossattn"][0]
+    return {"c_crossattn": [rows]} if tuple(current.shape) == tuple(rows.shape) else None
 
 
 def _repeats(denoiser, images: int, cond_rows: int) -> list[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 SECTION = ("loratorio", "LoRAtorio")
+SHARED, PER_LORA = "shared", "per LoRA"
 
 # key -> (default, label, component kind, component args)
 OPTIONS = {
@@ -17,6 +18,14 @@ OPTIONS = {
         "Compose automatically when the prompt has two or more LoRAs (LoRAtorio off otherwise)",
         "checkbox",
         {},
+    ),
+    "loratorio_text_encoders": (
+        SHARED,
+        "Text-encoder parts of composed LoRAs: shared (every row sees the prompt as all of them encode "
+        "it, as the built-in Lora does) or per LoRA (each LoRA's rows see its own encoding, the base "
+        "rows the plain one; one more prompt encoding per LoRA and pass; A1111)",
+        "radio",
+        {"choices": [SHARED, PER_LORA]},
     ),
     "loratorio_default_patch_size": (
         4,
@@ -44,7 +53,7 @@ def register() -> None:
     import gradio as gr
     from modules import shared
 
-    components = {"slider": gr.Slider, "checkbox": gr.Checkbox}
+    components = {"slider": gr.Slider, "checkbox": gr.Checkbox, "radio": gr.Radio}
     for key, (default, label, kind, args) in OPTIONS.items():
         shared.opts.add_option(
             key, shared.OptionInfo(default, label, components[kind], args, section=SECTION)

@@ -116,7 +116,13 @@ class LoRAtorioScript(scripts.Script):
         if not settings.enabled and options.get("loratorio_auto_compose") and _prompt_loras(p) >= 2:
             settings = replace(settings, enabled=True)
         if settings.enabled:
-            session.start(p, settings, SESSION, max_rows=int(options.get("loratorio_max_rows")) or None)
+            session.start(
+                p,
+                settings,
+                SESSION,
+                max_rows=int(options.get("loratorio_max_rows")) or None,
+                per_lora_text=options.get("loratorio_text_encoders") == options.PER_LORA,
+            )
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         active = session.current()

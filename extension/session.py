@@ -33,6 +33,7 @@ class Session:
     max_rows: int | None = None
     passes: list = field(default_factory=list)  # (batch number, composer) of each sampling pass
     batch_size: int = 1
+    per_lora_text: bool = False  # each LoRA's rows see the prompt as its own text-encoder part encodes it
 
     def warn(self, message: str) -> None:
         """Tell the user in the console, as WebUI extensions do (kept for tests too)."""
@@ -90,10 +91,12 @@ class Session:
 _session: Session | None = None
 
 
-def start(p, settings: Settings, kind: type[Session], max_rows: int | None = None) -> Session:
+def start(
+    p, settings: Settings, kind: type[Session], max_rows: int | None = None, per_lora_text: bool = False
+) -> Session:
     stop()
     global _session
-    _session = kind(settings, max_rows=max_rows)
+    _session = kind(settings, max_rows=max_rows, per_lora_text=per_lora_text)
     p.extra_generation_params.update(settings.infotext())
     return _session
 

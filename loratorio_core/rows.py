@@ -81,6 +81,7 @@ class RowComposer:
         *,
         to_eps: Convert | None = None,
         from_eps: Convert | None = None,
+        adapter_inputs: Mapping[int | None, Mapping[str, object]] | None = None,
     ) -> Tensor:
         """Each host row's composed prediction, in the host's output space.
 
@@ -88,6 +89,10 @@ class RowComposer:
         dicts and lists allowed) with the rows on dimension 0; the host's rows are gathered from
         it for every plan entry. to_eps(output, inputs) / from_eps(eps, inputs) convert between
         the forward's output and noise predictions (identity when the forward returns eps).
+        adapter_inputs: what the rows of one adapter (key: its index) or of the base model (key:
+        None) see instead of ``inputs``, for the same host rows; partial (e.g. only the
+        conditioning, when each LoRA's text-encoder part encodes the prompt its own way). Rows
+        with several adapters active (merge) keep ``inputs``.
         """
         rows = _rows(inputs)
         if len(labels) != rows:
@@ -125,6 +130,11 @@ class RowComposer:
 
         index = torch.cat(entry_rows)
         gathered = _take(inputs, index)
+        if adapter_inputs:
+            keys = [a[0][0] if len(a) == 1 else (None if not a else "shared") for a in entry_adapters]
+            for key in set(keys) & set(adapter_inputs):
+                rows_of_key = torch.tensor([r for r, k in enumerate(keys) if k == key])
+                _assign(gathered, rows_of_key, _take(adapter_inputs[key], index[rows_of_key]))
         output = evaluate_entries(forward, self.runtime, entry_adapters, gathered, max_rows=self.max_rows)
         eps = to_eps(output, gathered) if to_eps is not None else output
         composed = eps.new_empty((rows, *eps.shape[1:]))
@@ -246,3 +256,16 @@ def _take(value, index: Tensor):
     if isinstance(value, (list, tuple)):
         return type(value)(_take(item, index) for item in value)
     return value
+
+
+def _assign(target, rows: Tensor, values) -> None:
+    """target[rows] = values, in place, through the nested structure ``values`` has (a part of
+    ``target``'s)."""
+    if isinstance(values, Tensor):
+        target[rows.to(target.device)] = values.to(target)
+    elif isinstance(values, Mapping):
+        for key, item in values.items():
+            _assign(target[key], rows, item)
+    elif isinstance(values, (list, tuple)):
+        for part, item in zip(target, values, strict=True):
+            _assign(part, rows, item)

@@ -111,9 +111,20 @@ def merged_copy(module: nn.Module, loras, component):
 
 
 def expected_txt2img(
-    webui, names, settings, prompt="a cat", negative="blurry", steps=4, cfg=6.0, seed=1, batch=1
+    webui,
+    names,
+    settings,
+    prompt="a cat",
+    negative="blurry",
+    steps=4,
+    cfg=6.0,
+    seed=1,
+    batch=1,
+    text_encoders="shared",
 ):
-    """The method written out on the fake's own Euler schedule, every prediction from a merged copy."""
+    """The method written out on the fake's own Euler schedule, every prediction from a merged copy.
+    text_encoders "per LoRA": each LoRA's rows see the prompt encoded with its own text-encoder part,
+    the base rows the plain encoding."""
     import modules
 
     # the A1111 fake's k-diffusion schedule (under the Forge fake too: its ``a1111_version``)
@@ -127,6 +138,12 @@ def expected_txt2img(
     loras = [(folder / f"{n}.safetensors", SCALES[n]) for n in names]
     text = merged_copy(sd.cond_stage_model, loras, "te1")  # the built-in applies the TE parts (shared)
     c, uc = text([prompt] * batch), text([negative] * batch)
+    own = [(c, uc)] * len(loras)
+    if text_encoders == "per LoRA":
+        plain = merged_copy(sd.cond_stage_model, [], "te1")
+        c, uc = plain([prompt] * batch), plain([negative] * batch)
+        singles_text = [merged_copy(sd.cond_stage_model, [lora], "te1") for lora in loras]
+        own = [(t([prompt] * batch), t([negative] * batch)) for t in singles_text]
     base = merged_copy(sd.model.diffusion_model, [], "unet")
     singles = [merged_copy(sd.model.diffusion_model, [lora], "unet") for lora in loras]
     schedule = sd_samplers_kdiffusion.CompVisDenoiser(sd)
@@ -147,8 +164,8 @@ def expected_txt2img(
                 return c_in * out + sigma * c_in * x_in if sd.parameterization == "v" else out  # noqa: B023
 
             base_c, base_u = eps(base, c), eps(base, uc)
-            loras_c = torch.stack([eps(m, c) for m in singles])
-            loras_u = torch.stack([eps(m, uc) for m in singles])
+            loras_c = torch.stack([eps(m, own_c) for m, (own_c, _) in zip(singles, own, strict=True)])
+            loras_u = torch.stack([eps(m, own_uc) for m, (_, own_uc) in zip(singles, own, strict=True)])
             eps = ref.loratorio_step(
                 base_c,
                 base_u,
@@ -169,6 +186,23 @@ def test_composes_the_prompts_loras_instead_of_merging_them(webui):
     torch.testing.assert_close(result.images[0], expected[0], atol=2e-4, rtol=1e-4)
     info = result.infotexts[0]
     assert "LoRAtorio: True" in info and "LoRAtorio mode: LoRAtorio" in info and "Lora hashes: l0: " in info
+
+
+@pytest.mark.parametrize("hires", [False, True], ids=["txt2img", "hires-fix"])
+def test_per_lora_text_encoders_give_each_loras_rows_its_own_encoding(webui, hires):
+    webui.shared.opts.data["loratorio_text_encoders"] = "per LoRA"
+    result, p = generate(webui, PROMPT, ON, enable_hr=hires)
+    per_lora_first_pass = generate(webui, PROMPT, ON)[0] if hires else result
+    webui.shared.opts.data["loratorio_text_encoders"] = "shared"
+    shared, _ = generate(webui, PROMPT, ON, enable_hr=hires)
+    settings = {"d": 2, "tau": 0.05, "lam": 0.5}
+    if not hires:
+        want = expected_txt2img(webui, ["l0", "l1"], settings, text_encoders="per LoRA")
+        torch.testing.assert_close(per_lora_first_pass.images[0], want[0], atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(result.images[0], shared.images[0], atol=1e-3)
+    # the host's own conds and caches are as they were; the built-in's list is back
+    assert not any(name in p.__dict__ for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"))
+    assert [net.name for net in webui.networks.loaded_networks] == []  # composed: taken out, as always
 
 
 def test_the_unet_is_never_merged_and_everything_is_put_back(webui):

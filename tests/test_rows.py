@@ -59,13 +59,16 @@ def host_batch(b=2, extra_cond=()):
     return inputs, labels
 
 
-def expected(unet, adapters, inputs, labels, config):
-    """Each row's e_c / e_u from merged copies and the reference formulas."""
+def expected(unet, adapters, inputs, labels, config, contexts=None):
+    """Each row's e_c / e_u from merged copies and the reference formulas. contexts: the context
+    each model sees (key None: the base, i: LoRA i), else the inputs' own."""
     bases = unet
     singles = [merged(unet, layers, s) for layers, (_, s) in zip(adapters, ADAPTERS, strict=True)]
+    models = {id(bases): None, **{id(m): i for i, m in enumerate(singles)}}
 
     def run(model, r):
-        return model(inputs["x"][r : r + 1], inputs["t"][r : r + 1], inputs["context"][r : r + 1])
+        context = (contexts or {}).get(models[id(model)], inputs["context"])
+        return model(inputs["x"][r : r + 1], inputs["t"][r : r + 1], context[r : r + 1])
 
     out = torch.zeros(len(labels), 4, 8, 8, dtype=torch.float64)
     weights_of = {}
@@ -115,6 +118,28 @@ def test_one_cfg_call_gives_each_row_its_composed_branch():
     torch.testing.assert_close(
         got.double(), expected(unet, adapters, inputs, labels, CONFIG), atol=2e-4, rtol=1e-4
     )
+
+
+def test_each_adapters_rows_can_see_their_own_inputs():
+    """Per-LoRA text-encoder parts: LoRA i's rows get the prompt as LoRA i's text encoder encodes
+    it, the base rows the plain encoding; the rest of the inputs is shared."""
+    unet, adapters = build()
+    inputs, labels = host_batch()
+    g = torch.Generator().manual_seed(9)
+    contexts = {key: torch.randn(inputs["context"].shape, generator=g) for key in (None, 0, 1, 2)}
+    rows, runtime = composer_for(unet, adapters, CONFIG)
+    with torch.no_grad():
+        got = rows(
+            forward(unet),
+            inputs,
+            labels,
+            step=0,
+            adapter_inputs={k: {"context": c} for k, c in contexts.items()},
+        )
+    runtime.detach()
+    want = expected(unet, adapters, inputs, labels, CONFIG, contexts)
+    torch.testing.assert_close(got.double(), want, atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(want, expected(unet, adapters, inputs, labels, CONFIG), atol=1e-3)
 
 
 @pytest.mark.parametrize("pattern", ["cond-then-uncond", "uncond-first-same-call", "row-by-row"])

@@ -56,6 +56,10 @@ class StableDiffusionProcessing:
         self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
 
     def setup_conds(self):
+        self.c, self.uc = self._encode()
+
+    def _encode(self):
+        """(c, uc) of the prompts, as get_multicond_learned_conditioning / get_learned_conditioning."""
         model = self.sd_model
         subs = prompt_parser.get_multicond_prompt_list(self.prompts)
         flat = [s for sub in subs for s in sub]
@@ -64,9 +68,9 @@ class StableDiffusionProcessing:
         for sub in subs:
             rows.append([(_row(encoded, k + j), 1.0) for j in range(len(sub))])
             k += len(sub)
-        self.c = prompt_parser.MulticondLearnedConditioning((len(self.prompts),), rows)
+        c = prompt_parser.MulticondLearnedConditioning((len(self.prompts),), rows)
         negatives = model.get_learned_conditioning(self.negative_prompts)
-        self.uc = [_row(negatives, i) for i in range(len(self.negative_prompts))]
+        return c, [_row(negatives, i) for i in range(len(self.negative_prompts))]
 
     def noise(self, shape, offset=0):
         g = torch.Generator().manual_seed(self.seeds[0] + 1000 * offset)
@@ -87,6 +91,19 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
     def image_conditioning(self, x):
         return self.sd_model.image_conditioning(x, None)
 
+    def setup_conds(self):
+        if self.is_hr_pass:  # as A1111: in the hires pass only the hires conds are (re)made
+            self.hr_c = None
+            self.calculate_hr_conds()
+            return
+        super().setup_conds()
+        self.hr_c = self.hr_uc = None
+
+    def calculate_hr_conds(self):
+        if self.hr_c is not None:
+            return
+        self.hr_c, self.hr_uc = self._encode()
+
     def sample(self, conditioning, unconditional_conditioning, seeds):
         self.sampler = sd_samplers_kdiffusion.create_sampler(self.sampler_name, self.sd_model)
         x = self.noise((len(seeds), 4, self.height // 8, self.width // 8))
@@ -106,7 +123,7 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
         noise = self.noise(samples.shape, offset=1)
         if not self.disable_extra_networks:
             extra_networks.activate(self, self.extra_network_data)
-        self.hr_c, self.hr_uc = self.c, self.uc
+        self.calculate_hr_conds()
         self.scripts.before_hr(self)
         self.scripts.process_before_every_sampling(self, x=samples, noise=noise, c=self.hr_c, uc=self.hr_uc)
         samples = self.sampler.sample_img2img(

@@ -41,7 +41,7 @@ class StableDiffusionProcessingTxt2Img(_a1111.StableDiffusionProcessingTxt2Img):
         noise = self.noise(samples.shape, offset=1)
         if not self.disable_extra_networks:
             extra_networks.activate(self, self.extra_network_data)
-        self.hr_c, self.hr_uc = self.c, self.uc
+        self.calculate_hr_conds()
         self.scripts.before_hr(self)
         if not OLD_FORGE:  # new Forge: once more on the first pass's objects, whose changes are dropped
             self.scripts.process_before_every_sampling(
