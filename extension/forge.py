@@ -76,7 +76,7 @@ class ForgeSession(Session):
         if not adapters:
             return
         if self.per_lora_text:
-            self.warn("per-LoRA text encoders are A1111-only so far: on Forge the LoRAs' text parts are shared")
+            self.warn("per-LoRA text encoders are A1111-only so far; Forge shares the LoRAs' text parts")
         self.compose(p, model, adapters, layers)
         self._reserve_memory(clone, layers)
         self._install(p, clone, clone.model_options.get("model_function_wrapper"))
