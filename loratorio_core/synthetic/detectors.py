@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .world import (
@@ -63,14 +64,15 @@ def hsv(images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def hue_mask(images: Tensor, hue: float) -> Tensor:
     """(B, H, W) bool: saturated, colourful pixels within ``HUE_TOLERANCE`` of ``hue``."""
-    # A 2x2 box filter first: generated pixels carry noise, every drawn feature is >= 2x2.
-    smooth = torch.nn.functional.avg_pool2d(
-        torch.nn.functional.pad(images, (0, 1, 0, 1), mode="replicate"), 2, 1
-    )
-    h, s, v = hsv(smooth)
+    h, s, v = hsv(smoothed(images))
     distance = (h - hue).abs()
     distance = torch.minimum(distance, 360.0 - distance)
     return (distance <= HUE_TOLERANCE) & (s >= MIN_SATURATION) & (v >= MIN_VALUE) & (s * v >= MIN_CHROMA)
+
+
+def smoothed(images: Tensor) -> Tensor:
+    """A 2x2 box filter (same size): generated pixels carry noise, every drawn feature is >= 2x2."""
+    return F.avg_pool2d(F.pad(images, (0, 1, 0, 1), mode="replicate"), 2, 1)
 
 
 def luminance(images: Tensor) -> Tensor:

@@ -144,6 +144,15 @@ def ddim_timesteps(steps: int) -> list[int]:
     return torch.linspace(TRAIN_STEPS - 1, 0, steps).round().long().tolist()
 
 
+def ddim_step(x: Tensor, eps: Tensor, alpha: Tensor, alpha_prev: Tensor) -> Tensor:
+    """One deterministic DDIM step from alpha-bar ``alpha`` to ``alpha_prev``; x, eps (B, C, H, W).
+
+    The predicted x0 is clipped to the latent's range [-1, 1]; the noise direction is kept as
+    predicted (re-deriving it from the clipped x0 measured worse here: more grain)."""
+    x0 = ((x - (1 - alpha).sqrt() * eps) / alpha.sqrt()).clamp(-1, 1)
+    return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+
+
 @dataclass(frozen=True)
 class Job:
     """One LoRA set sampled with one prompt for several seeds.
@@ -225,6 +234,5 @@ def sample(
                 kept[j] = result.kept
                 if weights is not None and result.weights is not None:
                     weights[j].append(result.weights)
-                x0 = ((latents[j] - (1 - a).sqrt() * result.eps) / a.sqrt()).clamp(-1, 1)
-                latents[j] = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * result.eps
+                latents[j] = ddim_step(latents[j], result.eps, a, a_prev)
     return Samples([decode_latents(z) for z in latents], rows, weights)
