@@ -28,7 +28,7 @@ from loratorio_core.synthetic import world  # noqa: E402
 DEFAULTS = {"patch_size": 4, "temperature": 0.01, "recenter": 0.5}
 GRID = {
     "patch_size": (1, 2, 4, 8),
-    "temperature": (0.001, 0.003, 0.01, 0.03, 0.1, 1.0),
+    "temperature": (0.001, 0.01, 0.1, 1.0),
     "recenter": (0.0, 0.5, 1.0),
 }
 TITLES = {"patch_size": "patch size d", "temperature": "temperature tau", "recenter": "lam (re-centering)"}
