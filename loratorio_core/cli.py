@@ -102,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
+            # The demo's model is tiny: one thread is fastest, and several thrash on a busy CPU.
+            torch.set_num_threads(1)
             print(run_demo(args.out, args.patch_size, args.temperature, args.seeds))
         elif args.command == "generate":
             for path in run_generate(args):
