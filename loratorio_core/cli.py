@@ -11,89 +11,90 @@ import torch
 
 from .config import LoRAtorioConfig
 from .generate import add_arguments, run_generate
-from .step import Adapter, StepComposer
+
+DEMO_LORAS = ("kiro", "checka", "pipa")  # a character, a background, an object
 
 
-def regional_predictions(
-    names: Sequence[str], size: int = 32, channels: int = 4, seed: int = 0
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Noise predictions shaped like the paper's observation 2: each LoRA departs from the
-    base only inside its own region (a vertical band each) and behaves like the base elsewhere.
+def run_demo(
+    out: str = "loratorio_demo.png", patch_size: int = 4, temperature: float = 0.01, seeds: int = 4
+) -> str:
+    """Compose three of the shipped synthetic LoRAs (a character, a background, an object) with
+    base, merge, composite and LoRAtorio; write one picture (the first seed's images, then
+    LoRAtorio's weight map of each LoRA over its image) and report what the detectors found."""
+    from .synthetic import detectors, world
+    from .synthetic.model import Job, load_model, sample
 
-    -> base (1, C, S, S), each LoRA's prediction, each LoRA's region mask (1, 1, S, S).
-    """
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(1, channels, size, size, generator=g)
-    loras, regions = {}, {}
-    bands = torch.arange(size) * len(names) // size
-    for i, name in enumerate(names):
-        region = (bands == i).float().expand(size, size).reshape(1, 1, size, size)
-        concept = torch.randn(1, channels, size, size, generator=g)
-        noise = 0.05 * torch.randn(1, channels, size, size, generator=g)
-        loras[name] = base + region * concept + noise
-        regions[name] = region
-    return base, loras, regions
-
-
-def run_demo(patch_size: int = 4, temperature: float = 0.01) -> str:
-    """Compose three region-specific LoRAs; report the rows each mode costs and which LoRA
-    LoRAtorio's weights give each patch."""
-    names = ["left", "middle", "right"]
-    adapters = [Adapter(name, 1.0) for name in names]
-    base, loras, regions = regional_predictions(names)
-    lines = [
-        "LoRAtorio core demo: three LoRAs, each departing from the base model only in its own",
-        "vertical band of a 32x32 latent (synthetic noise predictions, no model weights).",
-        "",
-        "model rows per sample and step, with CFG:",
-    ]
-    for mode, lam in (
-        ("loratorio", 0.5),
-        ("loratorio", 1.0),
-        ("composite", 0.5),
-        ("switch", 0.5),
-        ("merge", 0.5),
-    ):
-        plan = StepComposer(LoRAtorioConfig(mode=mode, recenter=lam)).plan(0, adapters)
-        label = f"{mode} (lam={lam:g})" if mode == "loratorio" else mode
-        lines.append(f"  {label:<20} {len(plan.rows)}")
-
-    composer = StepComposer(LoRAtorioConfig(patch_size=patch_size, temperature=temperature))
-    plan = composer.plan(0, adapters, cfg=False)
-    predictions = torch.cat([_evaluate(row.adapters, names, base, loras) for row in plan.rows])
+    config = LoRAtorioConfig(patch_size=patch_size, temperature=temperature)
     started = time.perf_counter()
-    result = composer.combine(plan, predictions)
-    elapsed = (time.perf_counter() - started) * 1e3
-    owner = result.weights[:, 0].argmax(0)
-    truth = torch.stack([_patch_share(regions[n], patch_size) for n in names]).argmax(0)
-    agreement = float((owner == truth).float().mean())
-    lines += [
-        "",
-        f"LoRAtorio's owner of each {patch_size}x{patch_size} patch (l/m/r), temperature {temperature:g}:",
-        *("  " + " ".join(names[i][0] for i in row) for row in owner.tolist()),
-        "",
-        f"patches given to the LoRA whose band covers most of them: {agreement:.0%}",
-        f"combine took {elapsed:.1f} ms on {predictions.shape[0]} rows of {tuple(predictions.shape[1:])}",
-    ]
-    return "\n".join(lines)
+    model = load_model(loras=DEMO_LORAS)
+    prompt = tuple(world.prompt_for(DEMO_LORAS))
+    job = Job(DEMO_LORAS, prompt, tuple(range(seeds)))
+    runs = {
+        "base": (Job((), prompt, job.seeds), LoRAtorioConfig(mode="merge")),
+        "merge": (job, LoRAtorioConfig(mode="merge")),
+        "composite": (job, LoRAtorioConfig(mode="composite")),
+        "LoRAtorio": (job, config),
+    }
+    images, weights, lines = {}, None, []
+    for label, (run, cfg) in runs.items():
+        result = sample(model, [run], cfg, record_weights=label == "LoRAtorio")
+        images[label] = result.images[0]
+        if label == "LoRAtorio":
+            weights = torch.stack(result.weights[0]).mean(0)  # (N, S, h, w), averaged over steps
+        found = [
+            f"{name} {int(detectors.detect(name, result.images[0]).sum())}/{seeds}" for name in DEMO_LORAS
+        ]
+        every = int(torch.stack([detectors.detect(n, result.images[0]) for n in DEMO_LORAS]).all(0).sum())
+        lines.append(f"  {label:<10} all three {every}/{seeds}   " + ", ".join(found))
+    _demo_picture(out, images, weights)
+    elapsed = time.perf_counter() - started
+    return "\n".join(
+        [
+            f"LoRAtorio demo: the synthetic model composing {', '.join(DEMO_LORAS)} "
+            f"({', '.join(world.CONCEPT[n].description for n in DEMO_LORAS)}),",
+            f"prompt {' '.join(prompt)!r}, {seeds} seeds, patch {patch_size}, temperature {temperature:g}.",
+            "what the detectors found per method (images with the concept / images):",
+            *lines,
+            f"wrote {out} (top: the first seed per method; bottom: LoRAtorio's weight of each LoRA) "
+            f"in {elapsed:.1f} s",
+        ]
+    )
 
 
-def _evaluate(row_adapters, names, base, loras) -> torch.Tensor:
-    """The prediction of one row: active adapters add their departures from the base."""
-    out = base.clone()
-    for index, scale in row_adapters:
-        out = out + scale * (loras[names[index]] - base)
-    return out
+def _demo_picture(out: str, images: dict[str, torch.Tensor], weights: torch.Tensor, cell: int = 128) -> None:
+    """Top row: each method's first image; bottom row: each LoRA's mean weight over LoRAtorio's."""
+    from PIL import Image, ImageDraw
 
+    from .maps import PALETTE, weight_overlay
 
-def _patch_share(region: torch.Tensor, patch_size: int) -> torch.Tensor:
-    return torch.nn.functional.avg_pool2d(region, patch_size, ceil_mode=True)[0, 0]
+    def tile(image: torch.Tensor) -> Image.Image:
+        pixels = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).contiguous()
+        return Image.frombytes("RGB", image.shape[-2:][::-1], bytes(pixels.flatten().tolist())).resize(
+            (cell, cell), Image.NEAREST
+        )
+
+    label = 16
+    sheet = Image.new("RGB", (len(images) * cell, 2 * (cell + label)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for column, (name, batch) in enumerate(images.items()):
+        draw.text((column * cell + 2, 2), name, fill="black")
+        sheet.paste(tile(batch[0]), (column * cell, label))
+    lora_image = images["LoRAtorio"][0]
+    for row, name in enumerate(DEMO_LORAS):
+        overlay = weight_overlay(lora_image, weights[row, 0], PALETTE[row % len(PALETTE)])
+        draw.text((row * cell + 2, cell + label + 2), f"weight of {name}", fill="black")
+        sheet.paste(tile(overlay), (row * cell, cell + 2 * label))
+    sheet.save(out)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="loratorio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="compose three synthetic LoRAs with every mode and print the result")
+    demo = sub.add_parser(
+        "demo", help="compose three shipped synthetic LoRAs with each method (CPU, no download); write a PNG"
+    )
+    demo.add_argument("--out", default="loratorio_demo.png", help="where to write the picture")
+    demo.add_argument("--seeds", type=int, default=4, help="images per method")
     demo.add_argument("--patch-size", type=int, default=4)
     demo.add_argument("--temperature", type=float, default=0.01)
     generate = sub.add_parser("generate", help="compose LoRAs on a diffusers SD/SDXL model and write a PNG")
@@ -101,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
-            print(run_demo(args.patch_size, args.temperature))
+            # The demo's model is tiny: one thread is fastest, and several thrash on a busy CPU.
+            torch.set_num_threads(1)
+            print(run_demo(args.out, args.patch_size, args.temperature, args.seeds))
         elif args.command == "generate":
             for path in run_generate(args):
                 print(path)

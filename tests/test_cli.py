@@ -6,12 +6,17 @@ import sys
 from loratorio_core.cli import main
 
 
-def test_demo_prints_rows_per_mode_and_finds_each_loras_region(capsys):
-    assert main(["demo"]) == 0
+def test_demo_composes_three_shipped_loras_and_writes_its_picture(tmp_path, capsys):
+    out_file = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out_file), "--seeds", "2"]) == 0
     out = capsys.readouterr().out
-    assert "loratorio (lam=0.5)  8" in out and "loratorio (lam=1)    5" in out
-    share = int(out.split("most of them: ")[1].split("%")[0])
-    assert share >= 90
+    assert str(out_file) in out and out_file.stat().st_size > 0
+    for method in ("base", "merge", "composite", "LoRAtorio"):
+        assert f"  {method} " in out
+    assert "kiro" in out and "checka" in out and "pipa" in out
+    from PIL import Image
+
+    assert Image.open(out_file).size == (4 * 128, 2 * (128 + 16))
 
 
 def test_bad_setting_exits_nonzero_with_one_clear_line(capsys):

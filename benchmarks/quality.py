@@ -1,0 +1,264 @@
+"""Composition quality on the synthetic ComposLoRA (offline, CPU): every method, every N.
+
+    python benchmarks/quality.py                      # the test half, 2 seeds a set (the README table)
+    python benchmarks/quality.py --sets dev --limit 8 --seeds 1   # a quick look
+
+For each composition set (2-5 LoRAs, one character) and seed, each method generates an image
+from the same starting noise and prompt; the detectors say which of the set's concepts are in it.
+Reported per N and on average over N (the mean of the four N columns, as the paper averages):
+
+- all: the rate of images with every element of the set present, with a 95% bootstrap interval
+  (sets resampled within each N);
+- recall per category: how often a concept of that category is found where the set has one;
+- gt-rmse: the image-quality proxy, the RMSE (pixels in [0, 1]) between the image and the
+  nearest rendering of the intended scene over every layout (figure jitter, object corner). It
+  measures how far the picture is from a clean, on-distribution rendering of what was asked:
+  0 is a perfect picture; blends, smears and missing or extra elements all raise it;
+- rows: UNet rows evaluated per image (summed over steps): the cost.
+
+Methods: the base model alone (the prompt's trigger tokens still move it), merge, switch,
+composite, LoRAtorio (lam = 0.5 and 1) with the set's LoRAs, and dynamic selection: all 11 LoRAs
+loaded as the pool, top-k = N (LoRAtorio, lam = 1), against merging all 11.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loratorio_core.config import LoRAtorioConfig  # noqa: E402
+from loratorio_core.synthetic import detectors, world  # noqa: E402
+from loratorio_core.synthetic.model import Job, load_model, sample  # noqa: E402
+
+POOL = tuple(c.name for c in world.CONCEPTS)
+SHORT = {"character": "char", "clothing": "cloth", "background": "bg", "object": "obj", "style": "style"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A row of the table: a config, and whether it gets the whole pool instead of the set."""
+
+    label: str
+    config: LoRAtorioConfig
+    pool: bool = False
+    base: bool = False
+
+
+def methods(patch_size: int = 4, temperature: float = 0.01) -> list[Method]:
+    lr = LoRAtorioConfig(patch_size=patch_size, temperature=temperature)
+    return [
+        Method("base alone", LoRAtorioConfig(mode="merge"), base=True),
+        Method("merge", LoRAtorioConfig(mode="merge")),
+        Method("switch", LoRAtorioConfig(mode="switch")),
+        Method("composite", LoRAtorioConfig(mode="composite")),
+        Method("LoRAtorio lam=0.5", lr.replace(recenter=0.5)),
+        Method("LoRAtorio lam=1", lr.replace(recenter=1.0)),
+        Method("pool: merge all 11", LoRAtorioConfig(mode="merge"), pool=True),
+        Method("pool: LoRAtorio top-k=N", lr.replace(recenter=1.0), pool=True),
+    ]
+
+
+def jobs_for(sets: Sequence[tuple[str, ...]], seeds: int) -> list[Job]:
+    """One job per set: its prompt (a plain background colour, varied by set, when the set has
+    no background LoRA) and ``seeds`` seeds, different for every set and the same for every method."""
+    jobs = []
+    for i, concepts in enumerate(sets):
+        background = tuple(world.BASE_BACKGROUNDS)[i % len(world.BASE_BACKGROUNDS)]
+        prompt = tuple(world.prompt_for(concepts, background))
+        jobs.append(Job(tuple(concepts), prompt, tuple(1000 * i + s for s in range(seeds))))
+    return jobs
+
+
+def intended_scenes(job: Job) -> list[world.Scene]:
+    """Every rendering of what ``job`` asks for (one per layout)."""
+    background = next((w for w in job.prompt if w in world.BASE_BACKGROUNDS), "gray")
+    scene = world.scene_for(job.loras, random.Random(0), background=background)
+    return [
+        world.Scene(scene.background, scene.figure, scene.clothing, scene.object, scene.style, dx, dy, side)
+        for dx in range(-2, 3)
+        for dy in range(-1, 2)
+        for side in (False, True)
+    ]
+
+
+def gt_rmse(images: torch.Tensor, job: Job) -> torch.Tensor:
+    """(S, 3, 32, 32) -> (S,) RMSE to the nearest rendering of the intended scene."""
+    truth = torch.stack([world.render(s) for s in intended_scenes(job)])
+    errors = ((images[:, None] - truth[None]) ** 2).mean((2, 3, 4)).sqrt()
+    return errors.min(1).values
+
+
+def run_method(method: Method, jobs: list[Job], steps: int, chunk: int = 48) -> list[dict]:
+    """Per image: the set, which of its concepts were found, its gt-rmse and its cost in rows."""
+    model = load_model()
+    records = []
+    for start in range(0, len(jobs), chunk):
+        part = jobs[start : start + chunk]
+        if method.base:
+            run = [Job((), j.prompt, j.seeds) for j in part]
+        elif method.pool:
+            run = [Job(POOL, j.prompt, j.seeds) for j in part]
+        else:
+            run = part
+        config = method.config
+        if method.pool and config.mode == "loratorio":
+            # top-k = N differs per set: group the chunk's jobs by N.
+            by_n: dict[int, list[int]] = {}
+            for k, job in enumerate(part):
+                by_n.setdefault(len(job.loras), []).append(k)
+            images, rows = [None] * len(part), [0.0] * len(part)
+            for n, members in by_n.items():
+                out = sample(model, [run[k] for k in members], config.replace(top_k=n), steps=steps)
+                for k, im, r in zip(members, out.images, out.rows, strict=True):
+                    images[k], rows[k] = im, r
+        else:
+            out = sample(model, run, config, steps=steps)
+            images, rows = out.images, out.rows
+        for job, im, r in zip(part, images, rows, strict=True):
+            found = {c: detectors.detect(c, im) for c in job.loras}
+            errors = gt_rmse(im, job)
+            for s in range(len(job.seeds)):
+                records.append(
+                    {
+                        "set": job.loras,
+                        "found": {c: bool(f[s]) for c, f in found.items()},
+                        "rmse": float(errors[s]),
+                        "rows": r,
+                    }
+                )
+    return records
+
+
+def _worker(args) -> tuple[str, list[dict], float]:
+    method, jobs, steps = args
+    torch.set_num_threads(1)
+    started = time.time()
+    return method.label, run_method(method, jobs, steps), time.time() - started
+
+
+def evaluate(method_list: list[Method], jobs: list[Job], steps: int, workers: int) -> dict[str, list[dict]]:
+    """Every method's records; ``workers`` one-thread processes share the (method, chunk) tasks."""
+    chunk = max(1, (len(jobs) + 1) // 2) if workers > 1 else len(jobs)
+    tasks = [(m, jobs[i : i + chunk], steps) for m in method_list for i in range(0, len(jobs), chunk)]
+    results: dict[str, list[dict]] = {m.label: [] for m in method_list}
+    if workers > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            outputs = pool.map(_worker, tasks, chunksize=1)
+    else:
+        outputs = [_worker(t) for t in tasks]
+    for label, records, _ in outputs:
+        results[label] += records
+    return results
+
+
+def all_present(record: dict) -> float:
+    return float(all(record["found"].values()))
+
+
+def summarize(records: list[dict], boot: int = 1000, seed: int = 0) -> dict:
+    """Per N and on average: all-present rate with a 95% bootstrap interval, recall per
+    category, mean gt-rmse and rows per image."""
+    sizes = sorted({len(r["set"]) for r in records})
+    by_n = {n: [r for r in records if len(r["set"]) == n] for n in sizes}
+    rate = {n: sum(map(all_present, rs)) / len(rs) for n, rs in by_n.items()}
+    gen = torch.Generator().manual_seed(seed)
+    draws = torch.zeros(boot)
+    for rs in by_n.values():
+        # Resample sets (all seeds of a set together), within N.
+        per_set: dict[tuple, list[float]] = {}
+        for r in rs:
+            per_set.setdefault(r["set"], []).append(all_present(r))
+        values = torch.tensor([sum(v) / len(v) for v in per_set.values()])
+        pick = torch.randint(0, len(values), (boot, len(values)), generator=gen)
+        draws += values[pick].mean(1) / len(sizes)
+    recall = {}
+    for category in world.CATEGORIES:
+        hits = [f for r in records for c, f in r["found"].items() if world.CONCEPT[c].category == category]
+        recall[category] = sum(hits) / len(hits) if hits else float("nan")
+    return {
+        "rate": rate,
+        "avg": sum(rate.values()) / len(rate),
+        "ci": (float(draws.quantile(0.025)), float(draws.quantile(0.975))),
+        "recall": recall,
+        "rmse": sum(r["rmse"] for r in records) / len(records),
+        "rows": sum(r["rows"] for r in records) / len(records),
+    }
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    sizes = sorted({len(r["set"]) for rs in results.values() for r in rs})
+    head = (
+        f"{'method':<24}"
+        + "".join(f"{'N=' + str(n):>6}" for n in sizes)
+        + f"{'avg [95% CI]':>20} | "
+        + "".join(f"{SHORT[c]:>6}" for c in world.CATEGORIES)
+        + f" | {'gt-rmse':>7} {'rows':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for label, records in results.items():
+        s = summarize(records)
+        ci = f"{100 * s['avg']:.1f} [{100 * s['ci'][0]:.1f},{100 * s['ci'][1]:.1f}]"
+        lines.append(
+            f"{label:<24}"
+            + "".join(f"{100 * s['rate'][n]:6.1f}" for n in sizes)
+            + f"{ci:>20} | "
+            + "".join(f"{100 * s['recall'][c]:6.1f}" for c in world.CATEGORIES)
+            + f" | {s['rmse']:7.3f} {s['rows']:6.0f}"
+        )
+    return "\n".join(lines)
+
+
+def selected_sets(which: str, limit: int | None) -> list[tuple[str, ...]]:
+    """The split's sets; with ``limit``, that many spread evenly over it (every N represented)."""
+    sets = world.split_sets(world.composition_sets())[which]
+    if limit is not None and limit < len(sets):
+        sets = [sets[round(i * (len(sets) - 1) / max(limit - 1, 1))] for i in range(limit)]
+    return sets
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sets", choices=("dev", "test"), default="test")
+    parser.add_argument("--seeds", type=int, default=2, help="images per set and method")
+    parser.add_argument("--limit", type=int, default=None, help="use this many sets (spread over N)")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--patch-size", type=int, default=4)
+    parser.add_argument("--temperature", type=float, default=0.01)
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--methods", default=None, help="comma-separated labels' prefixes (default: all)")
+    args = parser.parse_args(argv)
+    started = time.time()
+    chosen = methods(args.patch_size, args.temperature)
+    if args.methods:
+        prefixes = [p.strip().lower() for p in args.methods.split(",")]
+        chosen = [m for m in chosen if any(m.label.lower().startswith(p) for p in prefixes)]
+    sets = selected_sets(args.sets, args.limit)
+    jobs = jobs_for(sets, args.seeds)
+    results = evaluate(chosen, jobs, args.steps, args.workers)
+    print(
+        f"synthetic ComposLoRA, {args.sets} half: {len(sets)} sets x {args.seeds} seeds, "
+        f"{args.steps} DDIM steps, CFG 5, LoRA scale 0.8, "
+        f"patch {args.patch_size}, temperature {args.temperature:g}"
+    )
+    print("all = % of images with every element present; per-category recall in %; gt-rmse lower is better")
+    print(table(results))
+    print(f"took {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
