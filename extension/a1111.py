@@ -25,7 +25,7 @@ from loratorio_core.lora import LayerUpdate
 from loratorio_core.lora.binding import layer_mismatch
 from loratorio_core.rows import RowLabel
 
-from .session import Session
+from .session import Session, sampler_step
 
 
 @dataclass
@@ -190,7 +190,7 @@ class A1111Session(Session):
         repeats = _repeats(params.denoiser, images, cond_rows)
         labels = [RowLabel("cond", i) for i, n in enumerate(repeats) for _ in range(n)]
         labels += [RowLabel("uncond", i) for i in range(images)]
-        self.layout = Layout(labels, _sampler_step(params.denoiser))
+        self.layout = Layout(labels, sampler_step(params.denoiser))
         if self.text:
             from modules import prompt_parser
 
@@ -202,6 +202,9 @@ class A1111Session(Session):
                 )
                 for key, (c, uc) in self.text.items()
             }
+
+
+_COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")  # A1111's prompt-cond caches
 
 
 def _encode_per_adapter(p, networks, composed) -> dict:
@@ -216,13 +219,13 @@ def _encode_per_adapter(p, networks, composed) -> dict:
     try:
         for key, nets in [(None, [])] + [(i, [net]) for i, net in enumerate(composed)]:
             networks.loaded_networks[:] = others + nets
-            for cache in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+            for cache in _COND_CACHES:
                 setattr(p, cache, [None, None])  # this instance only: A1111's shared caches stay
             p.setup_conds()
             encoded[key] = tuple(getattr(p, name) for name in names)
     finally:
         networks.loaded_networks[:] = shared
-        for cache in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"):
+        for cache in _COND_CACHES:
             p.__dict__.pop(cache, None)
         for name, value in kept.items():
             setattr(p, name, value)
@@ -264,13 +267,6 @@ def _repeats(denoiser, images: int, cond_rows: int) -> list[int]:
     raise RuntimeError(
         f"LoRAtorio cannot tell which of {cond_rows} cond rows belong to which of {images} images"
     )
-
-
-def _sampler_step(denoiser) -> int:
-    """The sampler step of this denoiser call: second-order samplers call twice a step."""
-    steps, total = getattr(denoiser, "steps", None), getattr(denoiser, "total_steps", None)
-    calls_per_step = max(1, round(total / steps)) if steps and total else 1
-    return int(denoiser.step) // calls_per_step
 
 
 def _unet_layers(net, names: dict[int, str]) -> tuple[dict[str, LayerUpdate], str | None]:

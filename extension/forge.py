@@ -29,8 +29,7 @@ from loratorio_core.lora import LayerUpdate
 from loratorio_core.lora.binding import layer_mismatch
 from loratorio_core.rows import RowLabel
 
-from .a1111 import _sampler_step
-from .session import Session
+from .session import Session, sampler_step
 
 UNET_PREFIX, WEIGHT = "diffusion_model.", ".weight"
 
@@ -101,8 +100,7 @@ class ForgeSession(Session):
             for key in list(clone.lora_patches):
                 filename, strength = key[0], float(key[1])
                 name = names.get(filename, Path(str(filename)).stem)
-                entries = {k: v for k, v in clone.lora_patches[key].items()}
-                layers, problem = self._layers(clone, modules, entries, strength)
+                layers, problem = self._layers(clone, modules, clone.lora_patches[key], strength)
                 if problem:
                     self.warn(f"{name}: {problem}; merged by Forge as usual instead of composed")
                     continue
@@ -244,7 +242,7 @@ class ForgeSession(Session):
     def _compose(self, apply_model, input, timestep, c):
         options = c.get("transformer_options") or {}
         labels = _labels(input.shape[0], options)
-        step = _sampler_step(self.p.sampler.model_wrap_cfg)
+        step = sampler_step(self.p.sampler.model_wrap_cfg)
         rest = {key: value for key, value in c.items() if key != "transformer_options"}
         mark = torch.tensor([float(label.branch == "uncond") for label in labels])
         inputs = {"input": input, "timestep": timestep, "c": rest, "mark": mark}

@@ -123,3 +123,10 @@ def stop() -> None:
 def on_cfg_denoiser(params) -> None:
     if _session is not None:
         _session.on_cfg_denoiser(params)
+
+
+def sampler_step(denoiser) -> int:
+    """The sampler step of this denoiser call: second-order samplers call twice a step."""
+    steps, total = getattr(denoiser, "steps", None), getattr(denoiser, "total_steps", None)
+    calls_per_step = max(1, round(total / steps)) if steps and total else 1
+    return int(denoiser.step) // calls_per_step

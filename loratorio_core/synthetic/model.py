@@ -16,7 +16,7 @@ asks ``StepComposer.plan`` per job, evaluates all jobs' rows in ONE UNet forward
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from ..lora.binding import bind_lora
 from ..lora.files import LayerUpdate, load_lora, read_safetensors
 from ..lora.keymap import layer_aliases
 from ..lora.runtime import LoRARuntime
-from ..models.ldm_unet import UNetConfig, UNetModel
+from ..models.ldm_unet import UNetConfig, UNetModel, tiny_config
 from ..step import Adapter, StepComposer
 from .world import CONCEPTS, CONTEXT_LENGTH, VOCABULARY, tokenize
 
@@ -71,17 +71,10 @@ def scaled_linear_alphas_cumprod(steps: int = TRAIN_STEPS) -> Tensor:
 def unet_config() -> UNetConfig:
     """SD1.5's layout at 0.56 M parameters: two levels (16x16, 8x8), cross-attention at 8x8 and in
     the middle block (attention at 16x16 would double the cost on a CPU for little gain)."""
-    return UNetConfig(
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
+    return replace(
+        tiny_config(context_dim=CONTEXT_DIM, in_channels=LATENT_CHANNELS),
         model_channels=24,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
         transformer_depth=(0, 1),
-        middle_transformer_depth=1,
-        num_heads=2,
-        context_dim=CONTEXT_DIM,
-        norm_groups=8,
     )
 
 
