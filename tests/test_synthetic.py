@@ -42,6 +42,20 @@ def test_detectors_are_reliable_on_held_out_noisy_renderings():
         assert stats["precision"] >= 0.97 and stats["recall"] >= 0.97, (name, stats)
 
 
+def test_a_background_texture_is_detected_at_any_phase_and_under_any_style_but_not_the_other():
+    noise = torch.Generator().manual_seed(0)
+    for name, other in (("checka", "stria"), ("stria", "checka")):
+        texture = world.background_texture(name)
+        for dy, dx in ((0, 0), (3, 1), (4, 4), (7, 2)):
+            for style in (None, "scanz", "vigna"):
+                shifted = torch.roll(texture, (dy, dx), (1, 2)) * world.style_factor(style)
+                noisy = (shifted + 0.05 * torch.randn(shifted.shape, generator=noise)).clamp(0, 1)[None]
+                assert bool(detectors.detect(name, noisy)), (name, dy, dx, style)
+                assert not bool(detectors.detect(other, noisy)), (other, dy, dx, style)
+    plain = world.background_texture("gray")[None]
+    assert not bool(detectors.detect("checka", plain)) and not bool(detectors.detect("stria", plain))
+
+
 # --- the shipped model and LoRAs -----------------------------------------------------------------
 
 import sys  # noqa: E402
@@ -135,3 +149,23 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_subset(capsys):
     for method in quality.methods():
         assert method.label in out
     assert "gt-rmse" in out and "avg [95% CI]" in out
+
+
+def test_sweep_runs_its_grid_then_lam_at_the_best_cell_and_draws_the_plot(capsys, tmp_path):
+    sys.path.insert(0, str(BENCHMARKS))
+    import sweep
+
+    plot = tmp_path / "sweep.png"
+    argv = ["--limit", "2", "--seeds", "1", "--steps", "2", "--workers", "1", "--plot", str(plot)]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    for d in sweep.PATCH_SIZES:
+        for tau in sweep.TEMPERATURES:
+            assert f"d={d} tau={tau:g} lam=0.5" in out
+    best = next(line for line in out.splitlines() if line.startswith("best: patch"))
+    d, tau = best.split()[2].rstrip(","), best.split()[4].rstrip(",")
+    for lam in sweep.LAMS:
+        assert f"d={d} tau={tau} lam={lam:g}" in out
+    from PIL import Image
+
+    assert Image.open(plot).size[0] > 400
