@@ -16,6 +16,7 @@ How it hooks in (every piece is undone when the generation ends, also after an e
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from loratorio_core.lora import LayerUpdate
 from loratorio_core.lora.binding import layer_mismatch
 from loratorio_core.rows import RowLabel
 
-from .session import Session, sampler_step
+from .session import Session, encode_variants, sampler_step
 
 
 @dataclass
@@ -204,32 +205,23 @@ class A1111Session(Session):
             }
 
 
-_COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")  # A1111's prompt-cond caches
-
-
 def _encode_per_adapter(p, networks, composed) -> dict:
     """The pass's prompts encoded once with no composed LoRA's text-encoder part (key None) and once
-    with each one's alone (key: its index), by the host's own setup_conds; p's conds are kept."""
-    hires = bool(getattr(p, "is_hr_pass", False))
-    names = ("hr_c", "hr_uc") if hires else ("c", "uc")
-    kept = {name: getattr(p, name, None) for name in ("c", "uc", "hr_c", "hr_uc")}
+    with each one's alone (key: its index), by the host's own code; the built-in's list is kept."""
     shared = list(networks.loaded_networks)
     others = [net for net in shared if net not in composed]
-    encoded = {}
-    try:
-        for key, nets in [(None, [])] + [(i, [net]) for i, net in enumerate(composed)]:
-            networks.loaded_networks[:] = others + nets
-            for cache in _COND_CACHES:
-                setattr(p, cache, [None, None])  # this instance only: A1111's shared caches stay
-            p.setup_conds()
-            encoded[key] = tuple(getattr(p, name) for name in names)
-    finally:
-        networks.loaded_networks[:] = shared
-        for cache in _COND_CACHES:
-            p.__dict__.pop(cache, None)
-        for name, value in kept.items():
-            setattr(p, name, value)
-    return encoded
+
+    @contextmanager
+    def only(nets):
+        networks.loaded_networks[:] = others + nets  # in place: the built-in's modules hold this list
+        try:
+            yield
+        finally:
+            networks.loaded_networks[:] = shared
+
+    variants = {None: lambda: only([])}
+    variants.update({i: (lambda net=net: only([net])) for i, net in enumerate(composed)})
+    return encode_variants(p, variants)
 
 
 def _cat_rows(cond, uncond):

@@ -10,7 +10,8 @@ through it, and undoes everything in ``close``.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from loratorio_core import Adapter
@@ -130,3 +131,38 @@ def sampler_step(denoiser) -> int:
     steps, total = getattr(denoiser, "steps", None), getattr(denoiser, "total_steps", None)
     calls_per_step = max(1, round(total / steps)) if steps and total else 1
     return int(denoiser.step) // calls_per_step
+
+
+_COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")  # the hosts' prompt-cond caches
+
+
+def encode_variants(p, variants: Mapping[Hashable, Callable[[], AbstractContextManager]]) -> dict:
+    """The pass's prompts encoded by the host's own code once inside each variant (a context in
+    which the text encoder carries some LoRAs' parts and not others): key -> (cond, uncond), as
+    ``p.c, p.uc`` (hires pass: ``p.hr_c, p.hr_uc``) hold them.
+
+    p's conds are left as they were, and so are the host's caches (shadowed on this instance only).
+    No extra network is activated: Txt2Img's own ``setup_conds`` re-activates them to make the hires
+    conds (in Forge that rebuilds ``forge_objects``), so the first pass uses the base class's."""
+    from modules import processing
+
+    hires = bool(getattr(p, "is_hr_pass", False))
+    names = ("hr_c", "hr_uc") if hires else ("c", "uc")
+    kept = {name: p.__dict__[name] for name in ("c", "uc", "hr_c", "hr_uc") if name in p.__dict__}
+    encoded = {}
+    try:
+        for key, variant in variants.items():
+            with variant():
+                for cache in _COND_CACHES:
+                    setattr(p, cache, [None, None])
+                if hires:
+                    p.hr_c = None  # calculate_hr_conds keeps hr_c when it is set
+                    p.calculate_hr_conds()
+                else:
+                    processing.StableDiffusionProcessing.setup_conds(p)
+                encoded[key] = tuple(getattr(p, name, None) for name in names)
+    finally:
+        for name in _COND_CACHES + ("c", "uc", "hr_c", "hr_uc"):
+            p.__dict__.pop(name, None)
+        p.__dict__.update(kept)
+    return encoded

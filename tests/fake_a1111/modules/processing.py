@@ -98,6 +98,12 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
             return
         super().setup_conds()
         self.hr_c = self.hr_uc = None
+        if self.enable_hr:
+            # as A1111 (hires_fix_use_firstpass_conds off): the hires conds under the hires prompt's
+            # networks, then the first pass's networks activated again
+            extra_networks.activate(self, self.extra_network_data)
+            self.calculate_hr_conds()
+            extra_networks.activate(self, self.extra_network_data)
 
     def calculate_hr_conds(self):
         if self.hr_c is not None:
