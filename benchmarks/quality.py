@@ -54,7 +54,7 @@ class Method:
     base: bool = False
 
 
-def methods(patch_size: int = 4, temperature: float = 0.01) -> list[Method]:
+def methods(patch_size: int = 1, temperature: float = 1.0) -> list[Method]:
     lr = LoRAtorioConfig(patch_size=patch_size, temperature=temperature)
     return [
         Method("base alone", LoRAtorioConfig(mode="merge"), base=True),
@@ -236,8 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="images per set and method")
     parser.add_argument("--limit", type=int, default=None, help="use this many sets (spread over N)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    parser.add_argument("--patch-size", type=int, default=4)
-    parser.add_argument("--temperature", type=float, default=0.01)
+    parser.add_argument("--patch-size", type=int, default=1, help="latent pixels of the 16x16 latent")
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--methods", default=None, help="comma-separated labels' prefixes (default: all)")
     args = parser.parse_args(argv)

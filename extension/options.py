@@ -34,10 +34,10 @@ OPTIONS = {
         {"minimum": 1, "maximum": 16, "step": 1},
     ),
     "loratorio_default_temperature": (
-        0.01,
+        1.0,
         "Default temperature",
         "slider",
-        {"minimum": 0.001, "maximum": 1.0, "step": 0.001},
+        {"minimum": 0.001, "maximum": 10.0, "step": 0.001},
     ),
     "loratorio_default_recenter": (
         0.5,

@@ -48,7 +48,7 @@ class LoRAtorioScript(scripts.Script):
                 )
                 temperature = gr.Slider(
                     0.001,
-                    1.0,
+                    10.0,
                     step=0.001,
                     value=defaults.temperature,
                     label="Temperature",

@@ -16,7 +16,7 @@ DEMO_LORAS = ("kiro", "checka", "pipa")  # a character, a background, an object
 
 
 def run_demo(
-    out: str = "loratorio_demo.png", patch_size: int = 4, temperature: float = 0.01, seeds: int = 4
+    out: str = "loratorio_demo.png", patch_size: int = 1, temperature: float = 1.0, seeds: int = 4
 ) -> str:
     """Compose three of the shipped synthetic LoRAs (a character, a background, an object) with
     base, merge, composite and LoRAtorio; write one picture (the first seed's images, then
@@ -95,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--out", default="loratorio_demo.png", help="where to write the picture")
     demo.add_argument("--seeds", type=int, default=4, help="images per method")
-    demo.add_argument("--patch-size", type=int, default=4)
-    demo.add_argument("--temperature", type=float, default=0.01)
+    demo.add_argument("--patch-size", type=int, default=1, help="latent pixels of the 16x16 latent")
+    demo.add_argument("--temperature", type=float, default=1.0)
     generate = sub.add_parser("generate", help="compose LoRAs on a diffusers SD/SDXL model and write a PNG")
     add_arguments(generate)
     args = parser.parse_args(argv)

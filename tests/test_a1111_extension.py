@@ -205,6 +205,22 @@ def test_per_lora_text_encoders_give_each_loras_rows_its_own_encoding(webui, hir
     assert [net.name for net in webui.networks.loaded_networks] == []  # composed: taken out, as always
 
 
+def test_per_lora_text_encodings_never_reactivate_the_extra_networks(webui, monkeypatch):
+    """Txt2Img's own setup_conds re-activates the networks for its hires conds (in Forge that rebuilds
+    forge_objects): the per-LoRA encodings must not go through it."""
+    from modules import extra_networks
+
+    calls = []
+    activate = extra_networks.activate
+    monkeypatch.setattr(extra_networks, "activate", lambda p, data: calls.append(1) or activate(p, data))
+    generate(webui, PROMPT, ON, enable_hr=True)
+    shared_calls = len(calls)
+    webui.shared.opts.data["loratorio_text_encoders"] = "per LoRA"
+    calls.clear()
+    generate(webui, PROMPT, ON, enable_hr=True)
+    assert len(calls) == shared_calls
+
+
 def test_the_unet_is_never_merged_and_everything_is_put_back(webui):
     unet = webui.sd.model.diffusion_model
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}

@@ -257,7 +257,9 @@ def test_no_adapters_gives_plain_cfg_of_the_base():
 
 
 def test_top_k_combine_keeps_the_most_divergent_and_reuses_them_between_selections():
-    composer = StepComposer(LoRAtorioConfig(top_k=2, reselect_every=2, recenter=1.0, patch_size=2))
+    composer = StepComposer(
+        LoRAtorioConfig(top_k=2, reselect_every=2, recenter=1.0, patch_size=2, temperature=0.01)
+    )
     plan = composer.plan(0, ADAPTERS, batch_size=2)
     preds = fake_predictions(plan, seed=3)
     rows = by_row(plan, preds)
