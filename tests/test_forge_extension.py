@@ -78,7 +78,7 @@ def expected(forge, **kwargs):
     """The method on the fake's schedule, from merged copies of Forge's clean UNet and text encoder."""
     sd = forge.sd
     kmodel = sd.forge_objects_original.unet.model
-    clip = sd.forge_objects_original.clip.model
+    clip = sd.forge_objects_original.clip.cond_stage_model
     view = SimpleNamespace(
         shared=forge.shared,
         sd=SimpleNamespace(

@@ -55,6 +55,8 @@ def install(lora_dir, old=False, **model_kwargs):
     processing.OLD_FORGE = old
     sd_model = FakeForgeSD(old=old, **model_kwargs)
     if old:
+        import ldm_patched.modules.model_management  # noqa: F401  (its fake shares backend's)
+
         sys.path.remove(HERE)
         for name in [n for n in sys.modules if n == "backend" or n.startswith("backend.")]:
             del sys.modules[name]

@@ -4,6 +4,7 @@ patcher whose LoRAs merge before encoding, eps or v prediction, inpainting."""
 
 import torch
 import torch.nn.functional as F
+from backend import memory_management
 from backend.diffusion_engine.base import ForgeObjects
 from backend.modules.k_model import KModel
 from backend.modules.k_prediction import Prediction
@@ -33,15 +34,23 @@ def _forge_operations(module):
             _forge_operations(child)
 
 
-class FakeCLIP(ModelPatcher):
-    @property
-    def cond_stage_model(self):
-        return self.model
+class FakeCLIP:
+    """backend.patcher.clip.CLIP: the text encoder and its own patcher; a clone shares the encoder and
+    clones the patcher (whose LoRAs merge into the shared encoder when it is loaded)."""
+
+    def __init__(self, model=None, load_device=None, offload_device=None, patcher_class=ModelPatcher):
+        if model is None:
+            return
+        self.cond_stage_model = model
+        self.patcher = patcher_class(model, load_device, offload_device)
 
     def clone(self):
-        n = FakeCLIP(self.model, self.load_device, self.offload_device)
-        n.lora_patches = self.lora_patches.copy()
+        n = type(self)()
+        n.cond_stage_model, n.patcher = self.cond_stage_model, self.patcher.clone()
         return n
+
+    def add_patches(self, *args, **kwargs):
+        return self.patcher.add_patches(*args, **kwargs)
 
 
 class FakeForgeSD:
@@ -53,10 +62,11 @@ class FakeForgeSD:
         kmodel = KModel(unet, Prediction(source.alphas_cumprod, prediction))
         cpu = torch.device("cpu")
         if old:  # ldm_patched Forge: per-parameter patch lists
-            from modules_forge.unet_patcher import OldCLIP
+            from ldm_patched.modules.model_patcher import ModelPatcher as OldModelPatcher
             from modules_forge.unet_patcher import UnetPatcher as OldUnetPatcher
 
-            patchers = OldUnetPatcher(kmodel, cpu, cpu), OldCLIP(source.cond_stage_model, cpu, cpu)
+            clip = FakeCLIP(source.cond_stage_model, cpu, cpu, patcher_class=OldModelPatcher)
+            patchers = OldUnetPatcher(kmodel, cpu, cpu), clip
         else:
             patchers = UnetPatcher(kmodel, cpu, cpu), FakeCLIP(source.cond_stage_model, cpu, cpu)
         objects = ForgeObjects(*patchers, None, None)
@@ -70,8 +80,8 @@ class FakeForgeSD:
 
     def get_learned_conditioning(self, prompts):
         clip = self.forge_objects.clip
-        clip.refresh_loras()  # Forge loads the CLIP patcher (merging its LoRAs) to encode
-        return clip.model(prompts)
+        memory_management.load_model_gpu(clip.patcher)  # a patcher not loaded yet merges its LoRAs
+        return clip.cond_stage_model(prompts)
 
     def image_conditioning(self, x, mask):
         return self._source.image_conditioning(x, mask)

@@ -26,6 +26,10 @@ def load_models_gpu(models, memory_required=0, hard_memory_preservation=0):
             current_loaded_models.append(patcher)
 
 
+def load_model_gpu(model):
+    return load_models_gpu([model])
+
+
 def unload_all_models():
     current_loaded_models.clear()
 

@@ -29,12 +29,3 @@ class UnetPatcher(ModelPatcher):
 
     def list_controlnets(self):
         return []
-
-
-class OldCLIP(ModelPatcher):
-    @property
-    def cond_stage_model(self):
-        return self.model
-
-    def clone(self):
-        return self._copy_into(OldCLIP(self.model, self.load_device, self.offload_device))
