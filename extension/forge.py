@@ -5,7 +5,10 @@ here outlives a pass except the runtime's hooks, which ``close`` removes):
 - ``process_before_every_sampling`` clones the pass's UNet patcher and takes the prompt's LoRAs out
   of the clone's patches (f2: whole entries of ``lora_patches``, keyed by file; f0: their entries in
   the per-parameter ``patches`` lists), so Forge never merges them; their up/down/alpha tensors feed
-  the per-row runtime on the UNet. The LoRAs' text-encoder patches stay with Forge (shared).
+  the per-row runtime on the UNet. The LoRAs' text-encoder patches stay with Forge (shared), unless
+  the text encoders are per LoRA: then the pass's prompts are encoded once more per LoRA (and once
+  with none) on CLIP clones carrying only that LoRA's patches, and each UNet call's text rows are
+  matched to the prompt they encode, so each LoRA's rows get its own encoding.
 - A ``model_function_wrapper`` on the clone receives each of Forge's UNet calls (cond and uncond
   chunks, ``cond_or_uncond`` saying which, possibly several calls a step), labels the rows, has
   ``RowComposer`` evaluate base + LoRAs for them in one forward, and returns each row's composed x0.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from loratorio_core.lora import LayerUpdate
 from loratorio_core.lora.binding import layer_mismatch
 from loratorio_core.rows import RowLabel
 
-from .session import Session, sampler_step
+from .session import Session, encode_variants, sampler_step
 
 UNET_PREFIX, WEIGHT = "diffusion_model.", ".weight"
 
@@ -40,6 +44,8 @@ class ForgeSession(Session):
 
     p: object = None
     ours: list = field(default_factory=list)  # the patchers this generation made (compared by identity)
+    text: dict | None = None  # per-LoRA text: adapter index (None: base) -> (c, uc) as encoded for it
+    step_text: dict | None = None  # this step's text rows: {"cond": [(shared, {key: own})], "uncond": ...}
 
     # --- a sampling pass ----------------------------------------------------------------------------
 
@@ -57,10 +63,11 @@ class ForgeSession(Session):
             return
         model = clone.model.diffusion_model
         modules = dict(model.named_modules())
-        adapters, layers = [], []
-        for name, scale, unet_layers in self._take_prompt_loras(clone, modules):
+        adapters, layers, markers = [], [], []
+        for name, scale, unet_layers, marker in self._take_prompt_loras(clone, modules):
             adapters.append(Adapter(name, scale))
             layers.append(unet_layers)
+            markers.append(marker)
         if self.settings.pool:
             networks = sys.modules.get("networks")
             taken = {a.name for a in adapters}
@@ -74,8 +81,8 @@ class ForgeSession(Session):
                 return
         if not adapters:
             return
-        if self.per_lora_text:
-            self.warn("per-LoRA text encoders are A1111-only so far; Forge shares the LoRAs' text parts")
+        if self.per_lora_text and markers:
+            self.text = _encode_per_adapter(p, markers)
         self.compose(p, model, adapters, layers)
         self._reserve_memory(clone, layers)
         self._install(p, clone, clone.model_options.get("model_function_wrapper"))
@@ -84,6 +91,10 @@ class ForgeSession(Session):
         clone.set_model_unet_function_wrapper(self._wrapper(previous))
         p.sd_model.forge_objects.unet = clone
         self.ours.append(clone)
+
+    def end_pass(self) -> None:
+        super().end_pass()
+        self.text = self.step_text = None
 
     def close(self) -> None:
         """Hooks off. The patchers made here die with the pass: Forge resets forge_objects."""
@@ -106,7 +117,7 @@ class ForgeSession(Session):
                     continue
                 if layers:
                     del clone.lora_patches[key]  # the clone's own dict: the shared originals stay
-                    yield name, strength, layers
+                    yield name, strength, layers, filename
             return
         yield from self._take_old_forge_loras(clone, modules, names)
 
@@ -135,13 +146,8 @@ class ForgeSession(Session):
             if problem:
                 self.warn(f"{name}: {problem}; merged by Forge as usual instead of composed")
                 continue
-            for key in entries:  # the clone's lists are its own copies
-                clone.patches[key] = [
-                    e for e in clone.patches[key] if not any(id(t) in own for t in _patch_tensors(e[1]))
-                ]
-                if not clone.patches[key]:
-                    del clone.patches[key]
-            yield name, strength, layers
+            _drop_patches(clone, frozenset(own))
+            yield name, strength, layers, frozenset(own)
 
     def _layers(self, clone, modules: dict, entries: dict, strength: float):
         """Forge's patch entries of one LoRA as the runtime's updates (module name -> update)."""
@@ -239,6 +245,55 @@ class ForgeSession(Session):
 
         return model_function_wrapper
 
+    def on_cfg_denoiser(self, params) -> None:
+        """Per-LoRA text: this step's prompts (scheduling) as the host's rows and as each LoRA's, per
+        AND part in the order Forge compiles them (one chunk per part, every image in it)."""
+        if not self.text or self.rows is None:
+            return
+        from modules import prompt_parser
+
+        step = params.denoiser.step
+        parts, unconds = {}, {}
+        for key, (c, uc) in self.text.items():
+            composition, cond = prompt_parser.reconstruct_multicond_batch(c, step)
+            parts[key] = [_index(cond, rows) for rows in _part_rows(composition)]
+            unconds[key] = prompt_parser.reconstruct_cond_batch(uc, step) if uc is not None else None
+        shared_parts = [_index(params.text_cond, rows) for rows in _part_rows(composition)]
+        self.step_text = {
+            "cond": [
+                (shared, {key: parts[key][k] for key in parts}) for k, shared in enumerate(shared_parts)
+            ],
+            "uncond": (params.text_uncond, unconds) if params.text_uncond is not None else None,
+        }
+
+    def _text_inputs(self, c: dict, chunks: list, images: int) -> dict | None:
+        """Each adapter's (and the base's) text conditioning for this call's rows: every chunk of
+        ``images`` rows is matched to the prompt part it holds; None when one matches none."""
+        cross = c.get("c_crossattn")
+        if self.step_text is None or not isinstance(cross, torch.Tensor):
+            return None
+        group = len(chunks) * images
+        blocks: dict = {}
+        for start in range(0, cross.shape[0], images):
+            block = cross[start : start + images]
+            uncond = chunks[(start % group) // images] == 1
+            candidates = [self.step_text["uncond"]] if uncond else self.step_text["cond"]
+            own = next(
+                (own for shared, own in candidates if shared is not None and _same_text(block, shared)), None
+            )
+            if own is None:
+                self.warn("a UNet call's text rows match none of the prompts' encodings; shared text used")
+                return None
+            for key, text in own.items():
+                blocks.setdefault(key, []).append(text)
+        out = {}
+        for key, texts in blocks.items():
+            part = {"c_crossattn": torch.cat([_cross(t, cross) for t in texts])}
+            if isinstance(c.get("y"), torch.Tensor) and isinstance(texts[0], dict):
+                part["y"] = torch.cat([t["vector"] for t in texts]).to(c["y"])
+            out[key] = {"c": part}
+        return out
+
     def _compose(self, apply_model, input, timestep, c):
         options = c.get("transformer_options") or {}
         labels = _labels(input.shape[0], options)
@@ -261,7 +316,20 @@ class ForgeSession(Session):
             )
             return apply_model(input, timestep, transformer_options=row_options, **c)
 
-        return self.rows(forward, inputs, labels, step, to_eps=_x0_to_eps, from_eps=_eps_to_x0)
+        adapter_inputs = None
+        if self.step_text is not None:
+            sigmas = options.get("sigmas")
+            images = len(sigmas) if sigmas is not None else input.shape[0] // len(options["cond_or_uncond"])
+            adapter_inputs = self._text_inputs(rest, options["cond_or_uncond"], images)
+        return self.rows(
+            forward,
+            inputs,
+            labels,
+            step,
+            to_eps=_x0_to_eps,
+            from_eps=_eps_to_x0,
+            adapter_inputs=adapter_inputs,
+        )
 
 
 def _labels(rows: int, options: dict) -> list[RowLabel]:
@@ -302,6 +370,88 @@ def _x0_to_eps(x0: torch.Tensor, inputs) -> torch.Tensor:
 
 def _eps_to_x0(eps: torch.Tensor, inputs) -> torch.Tensor:
     return inputs["input"].to(eps) - _sigma(inputs, eps) * eps
+
+
+def _encode_per_adapter(p, markers: list) -> dict:
+    """The pass's prompts encoded with no composed LoRA's text-encoder patches (key None) and with each
+    one's alone (key: its index), by the host's own code, on CLIP clones; the host's CLIP is put
+    back and loaded again afterwards, so its text encoder's weights are as they were."""
+    objects = p.sd_model.forge_objects
+    clip = objects.clip
+
+    @contextmanager
+    def only(keep):
+        variant = clip.clone()
+        for marker in markers:
+            if marker is not keep:
+                _drop_patches(variant.patcher, marker)
+        objects.clip = variant
+        try:
+            yield
+        finally:
+            objects.clip = clip
+
+    variants = {None: lambda: only(None)}
+    variants.update({i: (lambda marker=marker: only(marker)) for i, marker in enumerate(markers)})
+    try:
+        return encode_variants(p, variants)
+    finally:
+        _load(clip.patcher)
+
+
+def _drop_patches(patcher, marker) -> None:
+    """Take one LoRA's patches out of a (cloned) patcher: f2 by its file (a ``lora_patches`` key),
+    f0 by its tensors (entries of the per-parameter lists, which a clone copies)."""
+    if hasattr(patcher, "lora_patches"):
+        for key in [k for k in patcher.lora_patches if k[0] == marker]:
+            del patcher.lora_patches[key]
+        return
+    for key in list(patcher.patches):
+        kept = [e for e in patcher.patches[key] if not any(id(t) in marker for t in _patch_tensors(e[1]))]
+        if kept:
+            patcher.patches[key] = kept
+        else:
+            del patcher.patches[key]
+
+
+def _load(patcher) -> None:
+    """Load a patcher as Forge does before using it (its LoRAs merged into the shared model)."""
+    if hasattr(patcher, "lora_patches"):
+        from backend import memory_management
+    else:
+        from ldm_patched.modules import model_management as memory_management
+    memory_management.load_model_gpu(patcher)
+
+
+def _part_rows(composition) -> list[list[int]]:
+    """The cond rows of each AND part, as Forge's compile_weighted_conditions groups them (a zip over
+    the images: an image with fewer parts cuts the others' extra parts, in Forge too)."""
+    return [[i for i, _ in part] for part in zip(*composition, strict=False)]
+
+
+def _index(cond, indices: list[int]):
+    """Rows of a reconstructed cond batch (a tensor, or SDXL's dict of tensors)."""
+    if isinstance(cond, dict):
+        return {key: value[indices] for key, value in cond.items()}
+    return cond[indices]
+
+
+def _crossattn(text) -> torch.Tensor:
+    return text["crossattn"] if isinstance(text, dict) else text
+
+
+def _cross(text, like: torch.Tensor) -> torch.Tensor:
+    """A prompt part's cross-attention rows as a call holds them: Forge repeats shorter token
+    sequences to the longest's multiple when it batches parts of different lengths."""
+    rows = _crossattn(text).to(like)
+    if rows.shape[1] != like.shape[1] and like.shape[1] % rows.shape[1] == 0:
+        rows = rows.repeat(1, like.shape[1] // rows.shape[1], 1)
+    return rows
+
+
+def _same_text(block: torch.Tensor, text) -> bool:
+    rows = _cross(text, block)
+    return rows.shape == block.shape and torch.equal(rows, block)
 
 
 def _patch_tensors(patch) -> list[torch.Tensor]:

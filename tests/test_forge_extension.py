@@ -109,6 +109,51 @@ def test_composes_the_prompts_loras_instead_of_letting_forge_merge_them(forge):
     assert "LoRAtorio: True" in info and "Lora hashes: l0: " in info
 
 
+def test_per_lora_text_encoders_give_each_loras_rows_its_own_encoding(forge):
+    text_encoder = forge.sd.forge_objects_original.clip.cond_stage_model
+    shared, _ = generate(forge, PROMPT, ON)
+    weights = {n: w.detach().clone() for n, w in text_encoder.named_parameters()}
+    forge.shared.opts.data["loratorio_text_encoders"] = "per LoRA"
+    result, p = generate(forge, PROMPT, ON)
+    want = expected(forge, text_encoders="per LoRA")
+    torch.testing.assert_close(result.images[0], want[0], atol=2e-4, rtol=1e-4)
+    assert not torch.allclose(result.images[0], shared.images[0], atol=1e-3)
+    # the host's CLIP is loaded again: its text encoder holds the shared LoRAs' weights, as before
+    assert all(torch.equal(w, weights[n]) for n, w in text_encoder.named_parameters())
+    assert not any(name in p.__dict__ for name in ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc"))
+    hires, _ = generate(forge, PROMPT, ON, enable_hr=True)  # each pass encodes per LoRA again
+    assert torch.isfinite(hires.images[0]).all()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        {"batch_size": 2},
+        {"prompt": "a cat AND a hat <lora:l0:0.8> <lora:l1:1.0>"},
+        {"one_chunk_per_call": True},
+        {"xl": True},
+    ],
+    ids=["batch-2", "and-prompt", "separate-chunk-calls", "sdxl"],
+)
+def test_per_lora_text_rows_are_found_in_every_call_layout(tmp_path, capsys, case):
+    """Every UNet call's text rows are matched to their prompt part: batches, AND parts (one chunk
+    each), chunks split over calls, SDXL's crossattn + pooled vector; otherwise a warning says so."""
+    case = dict(case)
+    forge = _install(tmp_path, xl=case.pop("xl", False))
+    try:
+        if case.pop("one_chunk_per_call", False):
+            forge.sd.forge_objects_after_applying_lora.unet.model_options["fake_max_chunks_per_call"] = 1
+        prompt = case.pop("prompt", PROMPT)
+        shared, _ = generate(forge, prompt, ON, **case)
+        forge.shared.opts.data["loratorio_text_encoders"] = "per LoRA"
+        result, _ = generate(forge, prompt, ON, **case)
+        assert "match none" not in capsys.readouterr().err
+        assert all(torch.isfinite(image).all() for image in result.images)
+        assert not torch.allclose(result.images[0], shared.images[0], atol=1e-3)
+    finally:
+        fake_forge.uninstall()
+
+
 def test_forge_never_merges_the_composed_loras_and_its_own_patches_stay(forge):
     kmodel = forge.sd.forge_objects_original.unet.model
     before = {n: p.detach().clone() for n, p in kmodel.diffusion_model.named_parameters()}
