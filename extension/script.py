@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import replace
 
@@ -190,8 +191,17 @@ def _paste(name):
     return value
 
 
-script_callbacks.on_cfg_denoiser(session.on_cfg_denoiser, name="loratorio")
-script_callbacks.on_ui_settings(options.register, name="loratorio")
-script_callbacks.on_before_ui(xyz.register, name="loratorio")
-script_callbacks.on_ui_tabs(tab.build, name="loratorio")
-script_callbacks.on_script_unloaded(session.stop, name="loratorio")
+def _register(hook, callback) -> None:
+    """Named callbacks (A1111 1.9+, new Forge) can be ordered by users; A1111 1.8 and old Forge take
+    no name."""
+    if "name" in inspect.signature(hook).parameters:
+        hook(callback, name="loratorio")
+    else:
+        hook(callback)
+
+
+_register(script_callbacks.on_cfg_denoiser, session.on_cfg_denoiser)
+_register(script_callbacks.on_ui_settings, options.register)
+_register(script_callbacks.on_before_ui, xyz.register)
+_register(script_callbacks.on_ui_tabs, tab.build)
+_register(script_callbacks.on_script_unloaded, session.stop)

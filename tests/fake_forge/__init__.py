@@ -48,11 +48,13 @@ def install(lora_dir, old=False, **model_kwargs):
     import extra_networks_lora
     import networks
     from backend import memory_management
-    from modules import errors, extra_networks, processing, shared
+    from modules import errors, extra_networks, processing, script_callbacks, shared
 
     from fake_forge.model import FakeForgeSD
 
     processing.OLD_FORGE = old
+    if old:  # its A1111 (1.8) registers callbacks without names
+        script_callbacks.without_names()
     sd_model = FakeForgeSD(old=old, **model_kwargs)
     if old:
         import ldm_patched.modules.model_management  # noqa: F401  (its fake shares backend's)

@@ -77,3 +77,10 @@ def infotext_pasted_callback(infotext, params):
 
 def clear_callbacks():
     _callbacks.clear()
+
+
+def without_names():
+    """As A1111 up to 1.8 and old Forge: the on_* registrations take the callback only (no name=)."""
+    for kind in list(_callbacks) + [k[3:] for k in globals() if k.startswith("on_")]:
+        named = _add(kind)
+        globals()[f"on_{kind}"] = lambda callback, _named=named: _named(callback)
