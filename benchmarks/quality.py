@@ -17,8 +17,11 @@ Reported per N and on average over N (the mean of the four N columns, as the pap
 - rows: UNet rows evaluated per image (summed over steps): the cost.
 
 Methods: the base model alone (the prompt's trigger tokens still move it), merge, switch,
-composite, LoRAtorio (lam = 0.5 and 1) with the set's LoRAs, and dynamic selection: all 11 LoRAs
-loaded as the pool, top-k = N (LoRAtorio, lam = 1), against merging all 11.
+composite, LoRAtorio (lam = 0.5 and 1) with the set's LoRAs; the ablations (uniform weights and
+winner-take-all, both with the re-centred uncond: what the patch weighting adds); each weighting
+rule at its dev-chosen temperature; and dynamic selection: all 11 LoRAs loaded as the pool,
+top-k = N by the intrinsic score alone or with the prompt's tags first, against merging all 11.
+``win`` is the mean weight of the winning LoRA per patch and step (``1/N`` for uniform weights).
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loratorio_core.config import LoRAtorioConfig  # noqa: E402
+from loratorio_core.lora import read_metadata, tag_frequencies  # noqa: E402
+from loratorio_core.relevance import NAMED, tag_relevance  # noqa: E402
 from loratorio_core.synthetic import detectors, world  # noqa: E402
-from loratorio_core.synthetic.model import Job, load_model, sample  # noqa: E402
+from loratorio_core.synthetic.model import Job, load_model, lora_path, sample  # noqa: E402
 
 POOL = tuple(c.name for c in world.CONCEPTS)
 SHORT = {"character": "char", "clothing": "cloth", "background": "bg", "object": "obj", "style": "style"}
@@ -46,16 +51,28 @@ SHORT = {"character": "char", "clothing": "cloth", "background": "bg", "object":
 
 @dataclass(frozen=True)
 class Method:
-    """A row of the table: a config, and whether it gets the whole pool instead of the set."""
+    """A row of the table: a config, and whether it gets the whole pool instead of the set.
+
+    pool: None (the set's LoRAs), ``all`` (every LoRA, merged or all composed), ``divergence``
+    (top-k = N by the intrinsic score alone) or ``tags`` (top-k = N, the LoRAs whose training
+    tags the prompt names first, as a host with the LoRAs' metadata does)."""
 
     label: str
     config: LoRAtorioConfig
-    pool: bool = False
+    pool: str | None = None
     base: bool = False
+
+
+# Each weighting rule's temperature, chosen on the dev half (benchmarks/sweep.py).
+RULE_TEMPERATURES = {"softmin": 1.0, "spread": 2.0, "median": 5.0, "power": 3.0, "rank": 3.0}
 
 
 def methods(patch_size: int = 1, temperature: float = 1.0) -> list[Method]:
     lr = LoRAtorioConfig(patch_size=patch_size, temperature=temperature)
+    rules = [
+        Method(f"rule {rule} tau={tau:g}", lr.replace(weighting=rule, temperature=tau))
+        for rule, tau in RULE_TEMPERATURES.items()
+    ]
     return [
         Method("base alone", LoRAtorioConfig(mode="merge"), base=True),
         Method("merge", LoRAtorioConfig(mode="merge")),
@@ -63,9 +80,22 @@ def methods(patch_size: int = 1, temperature: float = 1.0) -> list[Method]:
         Method("composite", LoRAtorioConfig(mode="composite")),
         Method("LoRAtorio lam=0.5", lr.replace(recenter=0.5)),
         Method("LoRAtorio lam=1", lr.replace(recenter=1.0)),
-        Method("pool: merge all 11", LoRAtorioConfig(mode="merge"), pool=True),
-        Method("pool: LoRAtorio top-k=N", lr.replace(recenter=1.0), pool=True),
+        # What the patch weighting adds: the same re-centred guidance with uniform weights
+        # (tau -> infinity) and with all weight on the most divergent LoRA (tau -> 0).
+        Method("ablation: uniform", lr.replace(temperature=1e9)),
+        Method("ablation: winner-take-all", lr.replace(temperature=1e-9)),
+        *rules,
+        Method(f"pool: merge all {len(POOL)}", LoRAtorioConfig(mode="merge"), pool="all"),
+        Method("pool: top-k=N divergence", lr.replace(recenter=1.0), pool="divergence"),
+        Method("pool: top-k=N tags", lr.replace(recenter=1.0), pool="tags"),
     ]
+
+
+def named_by_prompt(prompt: Sequence[str]) -> torch.Tensor:
+    """(M,) bool: the pool's LoRAs whose training tags (their files' ``ss_tag_frequency``) the
+    prompt names, as a WebUI host computes it."""
+    tags = [tag_frequencies(read_metadata(lora_path(name))) for name in POOL]
+    return tag_relevance(" ".join(prompt), tags) > NAMED
 
 
 def jobs_for(sets: Sequence[tuple[str, ...]], seeds: int) -> list[Job]:
@@ -110,21 +140,32 @@ def run_method(method: Method, jobs: list[Job], steps: int, chunk: int = 48) -> 
             run = [Job(POOL, j.prompt, j.seeds) for j in part]
         else:
             run = part
+        named = [named_by_prompt(j.prompt) for j in part] if method.pool == "tags" else None
         config = method.config
+        record = config.mode == "loratorio"
         if method.pool and config.mode == "loratorio":
             # top-k = N differs per set: group the chunk's jobs by N.
             by_n: dict[int, list[int]] = {}
             for k, job in enumerate(part):
                 by_n.setdefault(len(job.loras), []).append(k)
-            images, rows = [None] * len(part), [0.0] * len(part)
+            images, rows, wins = [None] * len(part), [0.0] * len(part), [None] * len(part)
             for n, members in by_n.items():
-                out = sample(model, [run[k] for k in members], config.replace(top_k=n), steps=steps)
-                for k, im, r in zip(members, out.images, out.rows, strict=True):
-                    images[k], rows[k] = im, r
+                group = [run[k] for k in members]
+                out = sample(
+                    model,
+                    group,
+                    config.replace(top_k=n),
+                    steps=steps,
+                    record_weights=True,
+                    named=[named[k] for k in members] if named else None,
+                )
+                for k, im, r, w in zip(members, out.images, out.rows, out.weights, strict=True):
+                    images[k], rows[k], wins[k] = im, r, winning_weight(w)
         else:
-            out = sample(model, run, config, steps=steps)
+            out = sample(model, run, config, steps=steps, record_weights=record)
             images, rows = out.images, out.rows
-        for job, im, r in zip(part, images, rows, strict=True):
+            wins = [winning_weight(w) for w in out.weights] if record else [None] * len(part)
+        for job, im, r, win in zip(part, images, rows, wins, strict=True):
             found = {c: detectors.detect(c, im) for c in job.loras}
             errors = gt_rmse(im, job)
             for s in range(len(job.seeds)):
@@ -134,9 +175,19 @@ def run_method(method: Method, jobs: list[Job], steps: int, chunk: int = 48) -> 
                         "found": {c: bool(f[s]) for c, f in found.items()},
                         "rmse": float(errors[s]),
                         "rows": r,
+                        "win": None if win is None else float(win[s]),
                     }
                 )
     return records
+
+
+def winning_weight(weights: list[torch.Tensor]) -> torch.Tensor:
+    """Per image (S,): the mean over steps and patches of the largest LoRA weight among the LoRAs
+    that took part (1/N for uniform weights, 1 for winner-take-all): how much selection happens."""
+    per_step = []
+    for w in weights:  # (N, S, h, w); a LoRA dropped by top-k has weight 0 and never wins
+        per_step.append(w.amax(0).mean((1, 2)))
+    return torch.stack(per_step).mean(0)
 
 
 def _worker(args) -> tuple[str, list[dict], float]:
@@ -194,7 +245,13 @@ def summarize(records: list[dict], boot: int = 1000, seed: int = 0) -> dict:
         "recall": recall,
         "rmse": sum(r["rmse"] for r in records) / len(records),
         "rows": sum(r["rows"] for r in records) / len(records),
+        "win": _mean_or_nan([r["win"] for r in records if r.get("win") is not None]),
+        "uniform": _mean_or_nan([1 / len(r["set"]) for r in records if r.get("win") is not None]),
     }
+
+
+def _mean_or_nan(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def table(results: dict[str, list[dict]]) -> str:
@@ -204,7 +261,7 @@ def table(results: dict[str, list[dict]]) -> str:
         + "".join(f"{'N=' + str(n):>6}" for n in sizes)
         + f"{'avg [95% CI]':>20} | "
         + "".join(f"{SHORT[c]:>6}" for c in world.CATEGORIES)
-        + f" | {'gt-rmse':>7} {'rows':>6}"
+        + f" | {'gt-rmse':>7} {'rows':>6} {'win':>5} {'1/N':>5}"
     )
     lines = [head, "-" * len(head)]
     for label, records in results.items():
@@ -215,9 +272,13 @@ def table(results: dict[str, list[dict]]) -> str:
             + "".join(f"{100 * s['rate'][n]:6.1f}" for n in sizes)
             + f"{ci:>20} | "
             + "".join(f"{100 * s['recall'][c]:6.1f}" for c in world.CATEGORIES)
-            + f" | {s['rmse']:7.3f} {s['rows']:6.0f}"
+            + f" | {s['rmse']:7.3f} {s['rows']:6.0f} {_two(s['win'])} {_two(s['uniform'])}"
         )
     return "\n".join(lines)
+
+
+def _two(value: float) -> str:
+    return f"{'':>5}" if value != value else f"{value:5.2f}"
 
 
 def selected_sets(which: str, limit: int | None) -> list[tuple[str, ...]]:

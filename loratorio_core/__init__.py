@@ -5,7 +5,7 @@ The method on raw tensors (``weighting``, ``guidance``), one step as plan -> row
 sampler) call in; nothing here imports them.
 """
 
-from .config import MODES, UPSAMPLE_MODES, LoRAtorioConfig
+from .config import MODES, UPSAMPLE_MODES, WEIGHTINGS, LoRAtorioConfig
 from .guidance import denoised_from_eps, eps_from_denoised, guided, recentered_uncond
 from .step import Adapter, CondResult, Row, StepComposer, StepPlan, StepResult
 from .weighting import (
@@ -13,6 +13,7 @@ from .weighting import (
     mean_divergence,
     patch_cosine_similarity,
     patch_grid,
+    patch_weights,
     select_top_k,
     softmin_weights,
     upsample_weights,
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "MODES",
     "UPSAMPLE_MODES",
+    "WEIGHTINGS",
     "Adapter",
     "CondResult",
     "LoRAtorioConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "mean_divergence",
     "patch_cosine_similarity",
     "patch_grid",
+    "patch_weights",
     "recentered_uncond",
     "select_top_k",
     "softmin_weights",

@@ -8,6 +8,7 @@ from typing import Any
 
 MODES = ("loratorio", "composite", "switch", "merge")
 UPSAMPLE_MODES = ("nearest", "bilinear")
+WEIGHTINGS = ("softmin", "spread", "median", "power", "rank")
 
 
 @dataclass(frozen=True)
@@ -19,8 +20,11 @@ class LoRAtorioConfig:
         step, cycling every ``switch_every`` steps in prompt order), ``merge`` (every LoRA
         active at once on one model: what the WebUIs do by default).
     patch_size: side d of the square latent patches the similarity is measured on.
-    temperature: SoftMin temperature tau; cosine similarities of noise predictions sit close to 1,
-        so useful values are small (well under 1).
+    weighting: how divergences become patch weights (``weighting.patch_weights``): ``softmin``
+        (the paper's: softmax of -similarity / tau, a tau in units of cosine similarity, whose
+        useful range moves with the model and the step), or the scale-free rules ``spread``,
+        ``median``, ``power``, ``rank``, whose tau means the same on every model.
+    temperature: tau of the weighting's softmax (lower: winner-take-more weights).
     recenter: lam of the re-centered unconditional branch; 1 uses the base model's unconditional
         prediction alone, so no LoRA needs an unconditional pass (N + 2 rows instead of 2N + 2).
     top_k: keep only the k LoRAs that diverge most from the base (dynamic selection); None keeps all.
@@ -37,6 +41,7 @@ class LoRAtorioConfig:
 
     mode: str = "loratorio"
     patch_size: int = 4
+    weighting: str = "softmin"
     temperature: float = 1.0
     recenter: float = 0.5
     top_k: int | None = None
@@ -48,6 +53,8 @@ class LoRAtorioConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         _require_int("patch_size", self.patch_size, minimum=1)
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
         if not _is_real(self.temperature) or not (0 < self.temperature < math.inf):
             raise ValueError(f"temperature must be a finite number > 0 (try 1); got {self.temperature!r}")
         if not _is_real(self.recenter) or not (0.0 <= self.recenter <= 1.0):

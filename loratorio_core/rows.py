@@ -27,7 +27,7 @@ from torch import Tensor
 from .config import LoRAtorioConfig
 from .lora.runtime import LoRARuntime, evaluate_entries
 from .step import BASE, COND, UNCOND, Adapter, CondResult, StepComposer, _Reader
-from .weighting import patch_cosine_similarity, softmin_weights, upsample_weights
+from .weighting import patch_cosine_similarity, patch_weights, upsample_weights
 
 Convert = Callable[[Tensor, Mapping[str, object]], Tensor]
 
@@ -217,8 +217,11 @@ class RowComposer:
         similarity = patch_cosine_similarity(
             read.stack(UNCOND, used), read.one(UNCOND, BASE), config.patch_size
         )
-        weights = softmin_weights(
-            similarity, config.temperature, plan_u.kept[used] if plan_u.kept is not None else None
+        weights = patch_weights(
+            similarity,
+            config.weighting,
+            config.temperature,
+            plan_u.kept[used] if plan_u.kept is not None else None,
         )
         fallback = upsample_weights(weights, tuple(uncond_eps.shape[2:]), config.patch_size, config.upsample)
         return torch.stack(

@@ -35,8 +35,8 @@ from .weighting import (
     mean_divergence,
     patch_cosine_similarity,
     patch_grid,
+    patch_weights,
     select_top_k,
-    softmin_weights,
     upsample_weights,
 )
 
@@ -74,6 +74,7 @@ class StepPlan:
     rows: the rows, cond rows first. evaluated: adapters evaluated alone this step (loratorio,
     composite, switch), in adapter order. selecting: this step's ``combine`` makes a top-k
     selection. kept: bool (N, B) top-k set in force on a step between selections, else None.
+    named: bool (N, B) the LoRAs the prompt names, which a top-k selection keeps first; or None.
     """
 
     config: LoRAtorioConfig
@@ -85,6 +86,7 @@ class StepPlan:
     evaluated: tuple[int, ...]
     selecting: bool
     kept: Tensor | None
+    named: Tensor | None
     _row_of: dict[tuple[str, object], int] = field(repr=False)
     _offsets: tuple[int, ...] = field(repr=False)
 
@@ -176,6 +178,7 @@ class StepComposer:
         cfg: bool = True,
         kept: Tensor | None = None,
         reselect: bool | None = None,
+        named: Tensor | None = None,
     ) -> StepPlan:
         """The rows to evaluate at ``step`` (0-based sampler step; second-order samplers
         plan the same step twice).
@@ -184,7 +187,9 @@ class StepComposer:
         scale 1 or guidance-distilled models: no uncond rows at all. kept: the previous step's
         ``StepResult.kept`` when top-k is on (None starts a new selection). reselect: None lets
         the schedule decide; False keeps ``kept`` even on a selection step (the uncond rows of a
-        step whose cond rows already selected, in another call).
+        step whose cond rows already selected, in another call). named: bool (N,) or (N, B), the
+        LoRAs the prompt names (``relevance.tag_relevance`` > ``relevance.NAMED``): a top-k
+        selection keeps them before any other, and ranks within both groups by divergence.
         """
         cfg_ = self.config
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -193,6 +198,7 @@ class StepComposer:
             raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
         specs = tuple(_adapter(a, i) for i, a in enumerate(adapters))
         n = len(specs)
+        named = _named_mask(named, n, batch_size)
         everyone = tuple(range(batch_size))
         uncond_loras = cfg and cfg_.recenter < 1.0
         selecting = False
@@ -216,7 +222,12 @@ class StepComposer:
                         f"top_k ({cfg_.top_k}) is larger than the number of adapters ({n}): "
                         f"lower top_k or add LoRAs to the pool"
                     )
-                kept_now, selecting = _schedule_top_k(cfg_, step, n, batch_size, kept, reselect)
+                if named is not None and bool((named.sum(0) == cfg_.top_k).all()):
+                    # The prompt names exactly k LoRAs for every sample: they are the selection,
+                    # and the rest of the pool need never be evaluated.
+                    kept_now, selecting = named, False
+                else:
+                    kept_now, selecting = _schedule_top_k(cfg_, step, n, batch_size, kept, reselect)
                 if kept_now is not None:
                     evaluated = [i for i in range(n) if bool(kept_now[i].any())]
                     samples_of = {
@@ -250,6 +261,7 @@ class StepComposer:
             evaluated=evaluated_alone,
             selecting=selecting,
             kept=kept_now,
+            named=named,
             _row_of=row_of,
             _offsets=tuple(offsets),
         )
@@ -342,6 +354,19 @@ def _adapter(spec: Adapter | tuple[str, float], index: int) -> Adapter:
     return Adapter(str(name), float(scale))
 
 
+def _named_mask(named: Tensor | None, n: int, batch_size: int) -> Tensor | None:
+    """The prompt-named LoRAs as a bool (N, B) mask on the CPU, or None."""
+    if named is None:
+        return None
+    named = torch.as_tensor(named).detach().to("cpu")
+    if named.dtype != torch.bool or tuple(named.shape) not in ((n,), (n, batch_size)):
+        raise ValueError(
+            f"named must be a bool (N,) or (N, B) = {(n, batch_size)} mask of the adapters the prompt "
+            f"names; got {named.dtype} of shape {tuple(named.shape)}"
+        )
+    return named.reshape(n, -1).expand(n, batch_size).clone()
+
+
 def _schedule_top_k(
     config: LoRAtorioConfig, step: int, n: int, batch_size: int, kept: Tensor | None, reselect: bool | None
 ) -> tuple[Tensor | None, bool]:
@@ -403,12 +428,12 @@ def _loratorio_cond(plan: StepPlan, read: _Reader) -> CondResult:
     lora_cond = read.stack(COND, used)
     similarity = patch_cosine_similarity(lora_cond, base_cond, config.patch_size)
     if plan.selecting:
-        keep = select_top_k(similarity, config.top_k)
+        keep = select_top_k(similarity, config.top_k, None if plan.named is None else plan.named[used])
     elif plan.kept is not None and not bool(plan.kept[used].all()):
         keep = plan.kept[used]
     else:
         keep = None
-    weights = softmin_weights(similarity, config.temperature, keep)
+    weights = patch_weights(similarity, config.weighting, config.temperature, keep)
     weights_up = upsample_weights(weights, read.size, config.patch_size, config.upsample)
     cond = compose(lora_cond, weights_up)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import UPSAMPLE_MODES
+from .config import UPSAMPLE_MODES, WEIGHTINGS
 
 
 def patch_grid(size: tuple[int, int], patch_size: int) -> tuple[int, int]:
@@ -83,6 +83,64 @@ def softmin_weights(similarity: Tensor, temperature: float, keep: Tensor | None 
     return torch.softmax(logits, dim=0)
 
 
+def patch_weights(similarity: Tensor, rule: str, temperature: float, keep: Tensor | None = None) -> Tensor:
+    """Each LoRA's weight in each patch: the more it diverges from the base, the more weight.
+
+    similarity (N, B, h, w) -> weights (N, B, h, w) summing to 1 over N, as
+    softmax(logits / temperature) over the LoRAs, where the logits depend on ``rule``:
+
+    - ``softmin``: -s (the paper's SoftMin). Its temperature is in units of cosine similarity,
+      whose spread differs from model to model and step to step.
+    - ``spread``: d - mean_N(d) over the sample's typical spread of d across the LoRAs (the mean
+      over patches of std_N(d)), d = 1 - s: a temperature in units of "how differently the LoRAs
+      move this image"; patches where they differ more than usual are picked more sharply.
+    - ``median``: d over the sample's median d (over LoRAs and patches): a temperature relative
+      to how far this step's predictions sit from the base.
+    - ``power``: log d, i.e. weights proportional to d ** (1 / temperature): depends only on the
+      ratios of the divergences within a patch, so scaling every divergence changes nothing.
+    - ``rank``: the LoRA's rank by d within the patch (0 for the least divergent): only the order.
+
+    Every rule but ``softmin`` is invariant to scaling all divergences of a sample. keep: bool
+    (N, B) top-k mask; dropped LoRAs get exactly 0, take no part in the statistics, and the kept
+    ones renormalise.
+    """
+    if rule not in WEIGHTINGS:
+        raise ValueError(f"weighting rule must be one of {', '.join(WEIGHTINGS)}; got {rule!r}")
+    if rule == "softmin":
+        return softmin_weights(similarity, temperature, keep)
+    if similarity.dim() != 4:
+        raise ValueError(f"similarity must be (N, B, h, w); got shape {tuple(similarity.shape)}")
+    kept = None
+    if keep is not None:
+        _check_keep(keep, similarity.shape[:2])
+        kept = keep.to(similarity.device)[:, :, None, None].expand_as(similarity)
+    logits = _divergence_logits(1.0 - similarity.to(_reduction_dtype(similarity)), rule, kept)
+    # softmin_weights of -logits is softmax(logits / temperature), masked and overflow-safe.
+    return softmin_weights(-logits, temperature, keep)
+
+
+def _divergence_logits(divergence: Tensor, rule: str, kept: Tensor | None) -> Tensor:
+    """(N, B, h, w) divergences -> the rule's logits (statistics over kept LoRAs only)."""
+    tiny = torch.finfo(divergence.dtype).tiny
+    d = divergence.clamp_min(0.0)
+    if rule == "power":
+        # A LoRA that equals the base in a patch (d = 0) gets -inf there unless all do.
+        return d.clamp_min(tiny).log()
+    if rule == "rank":
+        ranked = d if kept is None else d.masked_fill(~kept, -math.inf)
+        return torch.argsort(torch.argsort(ranked, dim=0, stable=True), dim=0).to(d.dtype)
+    mask = torch.ones_like(d, dtype=torch.bool) if kept is None else kept
+    count = mask.sum(0, keepdim=True).clamp_min(1)
+    if rule == "median":
+        flat = d.masked_fill(~mask, math.nan).transpose(0, 1).flatten(1)  # (B, N*h*w)
+        median = flat.nanmedian(dim=1).values.clamp_min(tiny)
+        return d / median[None, :, None, None]
+    mean = (d * mask).sum(0, keepdim=True) / count
+    std = (((d - mean) ** 2 * mask).sum(0, keepdim=True) / count).sqrt()  # (1, B, h, w)
+    typical = std.mean(dim=(0, 2, 3), keepdim=True).clamp_min(tiny)  # (1, B, 1, 1)
+    return (d - mean) / typical
+
+
 def upsample_weights(
     weights: Tensor, size: tuple[int, int], patch_size: int, mode: str = "nearest"
 ) -> Tensor:
@@ -146,18 +204,30 @@ def mean_divergence(similarity: Tensor) -> Tensor:
     return (1.0 - similarity.to(_reduction_dtype(similarity))).mean(dim=(2, 3))
 
 
-def select_top_k(similarity: Tensor, k: int) -> Tensor:
-    """Per sample, the k LoRAs that diverge most from the base.
+def select_top_k(similarity: Tensor, k: int, named: Tensor | None = None) -> Tensor:
+    """Per sample, the k LoRAs to keep: those the prompt names first, then by divergence.
 
-    similarity (N, B, h, w) -> bool (N, B). Divergence is ``mean_divergence``; ties go to the
-    LoRA that comes first.
+    similarity (N, B, h, w) -> bool (N, B). named: optional bool (N, B) or (N,): the LoRAs the
+    prompt names (``relevance.tag_relevance`` > ``relevance.NAMED``); they rank above every
+    unnamed one, and within each group the LoRAs that diverge most from the base
+    (``mean_divergence``) come first; ties go to the LoRA that comes first.
     """
     if similarity.dim() != 4:
         raise ValueError(f"similarity must be (N, B, h, w); got shape {tuple(similarity.shape)}")
     n = similarity.shape[0]
     if isinstance(k, bool) or not isinstance(k, int) or not (1 <= k <= n):
         raise ValueError(f"k must be an integer in [1, N={n}]; got {k!r}")
-    order = torch.sort(mean_divergence(similarity), dim=0, descending=True, stable=True).indices
+    score = mean_divergence(similarity)
+    if named is not None:
+        if named.dtype != torch.bool or tuple(named.shape) not in ((n,), tuple(similarity.shape[:2])):
+            raise ValueError(
+                f"named must be a bool (N,) or (N, B) mask with N = {n}; "
+                f"got {named.dtype} of shape {tuple(named.shape)}"
+            )
+        mask = named.to(score.device).reshape(n, -1).expand_as(score)
+        # Divergences are at most 2: adding 4 puts every named LoRA above every unnamed one.
+        score = score + 4.0 * mask
+    order = torch.sort(score, dim=0, descending=True, stable=True).indices
     keep = torch.zeros(similarity.shape[:2], dtype=torch.bool, device=similarity.device)
     return keep.scatter_(0, order[:k], True)
 

@@ -9,6 +9,7 @@ from .files import (
     read_metadata,
     read_safetensors,
     save_lora,
+    tag_frequencies,
     trigger_words,
 )
 from .keymap import layer_aliases
@@ -28,5 +29,6 @@ __all__ = [
     "read_metadata",
     "read_safetensors",
     "save_lora",
+    "tag_frequencies",
     "trigger_words",
 ]

@@ -180,18 +180,25 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
-def trigger_words(metadata: dict[str, str], limit: int = 8) -> list[str]:
-    """A kohya LoRA's most frequent training tags (``ss_tag_frequency``), the words that call it up."""
+def tag_frequencies(metadata: dict[str, str]) -> dict[str, int]:
+    """A kohya LoRA's training tags and how many captions had each (``ss_tag_frequency``, summed
+    over its datasets); {} when the file has none or it is malformed."""
     try:
         frequencies = json.loads(metadata.get("ss_tag_frequency", "{}"))
     except ValueError:
-        return []
+        return {}
     counts: dict[str, int] = {}
     for dataset in frequencies.values() if isinstance(frequencies, dict) else []:
         for tag, count in dataset.items() if isinstance(dataset, dict) else []:
-            if isinstance(count, (int, float)):
+            if isinstance(count, (int, float)) and not isinstance(count, bool) and tag.strip():
                 counts[tag.strip()] = counts.get(tag.strip(), 0) + int(count)
-    return [tag for tag, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit] if tag]
+    return counts
+
+
+def trigger_words(metadata: dict[str, str], limit: int = 8) -> list[str]:
+    """A kohya LoRA's most frequent training tags (``ss_tag_frequency``), the words that call it up."""
+    counts = tag_frequencies(metadata)
+    return [tag for tag, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]]
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -186,9 +186,11 @@ def sample(
     guidance: float = 5.0,
     scale: float = LORA_SCALE,
     record_weights: bool = False,
+    named: Sequence[Tensor | None] | None = None,
 ) -> Samples:
     """Generate every job's images with ``config`` (any mode, top-k included), all jobs'
-    rows in one UNet forward per step."""
+    rows in one UNet forward per step. named: per job, the bool (N,) mask of its LoRAs that
+    the prompt names (``StepComposer.plan``'s ``named``), or None."""
     names = sorted({n for job in jobs for n in job.loras})
     index = {n: i for i, n in enumerate(names)}
     runtime = LoRARuntime(model.unet, [model.loras[n] for n in names])
@@ -206,7 +208,9 @@ def sample(
             plans, x_in, ctx, entry_adapters = [], [], [], []
             for j, job in enumerate(jobs):
                 adapters = [Adapter(n, scale) for n in job.loras]
-                plan = composer.plan(step, adapters, batch_size=len(job.seeds), kept=kept[j])
+                plan = composer.plan(
+                    step, adapters, batch_size=len(job.seeds), kept=kept[j], named=named[j] if named else None
+                )
                 plans.append(plan)
                 x_in.append(latents[j][plan.sample_index])
                 both = torch.cat([conds[j], uncond.expand_as(conds[j])])
