@@ -27,13 +27,14 @@ top-k = N by the intrinsic score alone or with the prompt's tags first, against 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
-import random
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -42,11 +43,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from loratorio_core.config import LoRAtorioConfig  # noqa: E402
 from loratorio_core.lora import read_metadata, tag_frequencies  # noqa: E402
 from loratorio_core.relevance import NAMED, tag_relevance  # noqa: E402
-from loratorio_core.synthetic import detectors, world  # noqa: E402
-from loratorio_core.synthetic.model import Job, load_model, lora_path, sample  # noqa: E402
+from loratorio_core.synthetic.sampler import Job  # noqa: E402
 
-POOL = tuple(c.name for c in world.CONCEPTS)
+# The synthetic benchmarks, by the name --benchmark takes: each module is a
+# ``loratorio_core.synthetic.interface`` benchmark (sets, jobs, model, sampler, detectors).
+BENCHMARKS = {
+    "composlora": "loratorio_core.synthetic.benchmark",
+    "pixelworld": "loratorio_core.pixelworld.benchmark",
+}
 SHORT = {"character": "char", "clothing": "cloth", "background": "bg", "object": "obj", "style": "style"}
+PATCH_FRACTION = 1 / 16  # of the latent's side: d = 4 on SD1.5's 64x64 latent, 1 on a 16x16 one
+
+
+def benchmark(name: str) -> ModuleType:
+    """The benchmark module called ``name`` (a key of ``BENCHMARKS``)."""
+    if name not in BENCHMARKS:
+        raise SystemExit(f"quality: unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    return importlib.import_module(BENCHMARKS[name])
+
+
+def patch_size_of(bench: ModuleType, fraction: float = PATCH_FRACTION) -> int:
+    """The patch side in the benchmark's latent pixels for a fraction of its latent side."""
+    return max(1, round(bench.LATENT_SIDE * fraction))
 
 
 @dataclass(frozen=True)
@@ -63,7 +81,7 @@ class Method:
     base: bool = False
 
 
-# Each weighting rule's temperature, chosen on the dev half (benchmarks/sweep.py).
+# Each weighting rule's temperature, chosen on the dev halves (benchmarks/sweep.py).
 RULE_TEMPERATURES = {"softmin": 1.0, "spread": 2.0, "median": 5.0, "power": 3.0, "rank": 3.0}
 
 
@@ -85,89 +103,61 @@ def methods(patch_size: int = 1, temperature: float = 1.0) -> list[Method]:
         Method("ablation: uniform", lr.replace(temperature=1e9)),
         Method("ablation: winner-take-all", lr.replace(temperature=1e-9)),
         *rules,
-        Method(f"pool: merge all {len(POOL)}", LoRAtorioConfig(mode="merge"), pool="all"),
+        Method("pool: merge all", LoRAtorioConfig(mode="merge"), pool="all"),
         Method("pool: top-k=N divergence", lr.replace(recenter=1.0), pool="divergence"),
         Method("pool: top-k=N tags", lr.replace(recenter=1.0), pool="tags"),
     ]
 
 
-def named_by_prompt(prompt: Sequence[str]) -> torch.Tensor:
-    """(M,) bool: the pool's LoRAs whose training tags (their files' ``ss_tag_frequency``) the
-    prompt names, as a WebUI host computes it."""
-    tags = [tag_frequencies(read_metadata(lora_path(name))) for name in POOL]
-    return tag_relevance(" ".join(prompt), tags) > NAMED
+def pool_of(bench: ModuleType) -> tuple[str, ...]:
+    return tuple(c.name for c in bench.CONCEPTS)
 
 
-def jobs_for(sets: Sequence[tuple[str, ...]], seeds: int) -> list[Job]:
-    """One job per set: its prompt (a plain background colour, varied by set, when the set has
-    no background LoRA) and ``seeds`` seeds, different for every set and the same for every method."""
-    jobs = []
-    for i, concepts in enumerate(sets):
-        background = tuple(world.BASE_BACKGROUNDS)[i % len(world.BASE_BACKGROUNDS)]
-        prompt = tuple(world.prompt_for(concepts, background))
-        jobs.append(Job(tuple(concepts), prompt, tuple(1000 * i + s for s in range(seeds))))
-    return jobs
+def named_by_prompt(bench: ModuleType, prompt: Sequence[str]) -> tuple[str, ...]:
+    """The pool's LoRAs whose training tags (their files' ``ss_tag_frequency``) the prompt
+    names, as a WebUI host computes it."""
+    files = bench.lora_files()
+    pool = pool_of(bench)
+    tags = [tag_frequencies(read_metadata(files[name])) for name in pool]
+    relevance = tag_relevance(" ".join(prompt), tags)
+    return tuple(name for name, r in zip(pool, relevance.tolist(), strict=True) if r > NAMED)
 
 
-def intended_scenes(job: Job) -> list[world.Scene]:
-    """Every rendering of what ``job`` asks for (one per layout)."""
-    background = next((w for w in job.prompt if w in world.BASE_BACKGROUNDS), "gray")
-    scene = world.scene_for(job.loras, random.Random(0), background=background)
-    return [
-        world.Scene(scene.background, scene.figure, scene.clothing, scene.object, scene.style, dx, dy, side)
-        for dx in range(-2, 3)
-        for dy in range(-1, 2)
-        for side in (False, True)
-    ]
+def jobs_of(bench: ModuleType, method: Method, part: list[Job]) -> list[Job]:
+    """What ``method`` samples for the benchmark's jobs: the set, nothing, or the whole pool."""
+    if method.base:
+        return [Job((), j.prompt, j.seeds) for j in part]
+    if method.pool is None:
+        return part
+    tags = method.pool == "tags"
+    pool = pool_of(bench)
+    return [Job(pool, j.prompt, j.seeds, named_by_prompt(bench, j.prompt) if tags else None) for j in part]
 
 
-def gt_rmse(images: torch.Tensor, job: Job) -> torch.Tensor:
-    """(S, 3, 32, 32) -> (S,) RMSE to the nearest rendering of the intended scene."""
-    truth = torch.stack([world.render(s) for s in intended_scenes(job)])
-    errors = ((images[:, None] - truth[None]) ** 2).mean((2, 3, 4)).sqrt()
-    return errors.min(1).values
-
-
-def run_method(method: Method, jobs: list[Job], steps: int, chunk: int = 48) -> list[dict]:
-    """Per image: the set, which of its concepts were found, its gt-rmse and its cost in rows."""
-    model = load_model()
+def run_method(bench: ModuleType, method: Method, jobs: list[Job], steps: int, chunk: int = 48) -> list[dict]:
+    """Per image: the set, which of its concepts were found, its gt-rmse, cost in rows and
+    winning weight."""
+    model = bench.load_model()
     records = []
     for start in range(0, len(jobs), chunk):
         part = jobs[start : start + chunk]
-        if method.base:
-            run = [Job((), j.prompt, j.seeds) for j in part]
-        elif method.pool:
-            run = [Job(POOL, j.prompt, j.seeds) for j in part]
-        else:
-            run = part
-        named = [named_by_prompt(j.prompt) for j in part] if method.pool == "tags" else None
+        run = jobs_of(bench, method, part)
         config = method.config
         record = config.mode == "loratorio"
-        if method.pool and config.mode == "loratorio":
-            # top-k = N differs per set: group the chunk's jobs by N.
-            by_n: dict[int, list[int]] = {}
-            for k, job in enumerate(part):
-                by_n.setdefault(len(job.loras), []).append(k)
-            images, rows, wins = [None] * len(part), [0.0] * len(part), [None] * len(part)
-            for n, members in by_n.items():
-                group = [run[k] for k in members]
-                out = sample(
-                    model,
-                    group,
-                    config.replace(top_k=n),
-                    steps=steps,
-                    record_weights=True,
-                    named=[named[k] for k in members] if named else None,
-                )
-                for k, im, r, w in zip(members, out.images, out.rows, out.weights, strict=True):
-                    images[k], rows[k], wins[k] = im, r, winning_weight(w)
-        else:
-            out = sample(model, run, config, steps=steps, record_weights=record)
-            images, rows = out.images, out.rows
-            wins = [winning_weight(w) for w in out.weights] if record else [None] * len(part)
+        images, rows, wins = [None] * len(part), [0.0] * len(part), [None] * len(part)
+        # top-k = N differs per set: sample the chunk's jobs grouped by N.
+        by_n: dict[int, list[int]] = {}
+        for k, job in enumerate(part):
+            by_n.setdefault(len(job.loras) if method.pool and record else 0, []).append(k)
+        for n, members in by_n.items():
+            group_config = config.replace(top_k=n) if n else config
+            out = bench.sample(model, [run[k] for k in members], group_config, steps, record_weights=record)
+            for i, k in enumerate(members):
+                images[k], rows[k] = out.images[i], out.rows[i]
+                wins[k] = winning_weight(out.weights[i]) if record else None
         for job, im, r, win in zip(part, images, rows, wins, strict=True):
-            found = {c: detectors.detect(c, im) for c in job.loras}
-            errors = gt_rmse(im, job)
+            found = {c: bench.detect(c, im) for c in job.loras}
+            errors = bench.gt_rmse(im, job)
             for s in range(len(job.seeds)):
                 records.append(
                     {
@@ -184,23 +174,24 @@ def run_method(method: Method, jobs: list[Job], steps: int, chunk: int = 48) -> 
 def winning_weight(weights: list[torch.Tensor]) -> torch.Tensor:
     """Per image (S,): the mean over steps and patches of the largest LoRA weight among the LoRAs
     that took part (1/N for uniform weights, 1 for winner-take-all): how much selection happens."""
-    per_step = []
-    for w in weights:  # (N, S, h, w); a LoRA dropped by top-k has weight 0 and never wins
-        per_step.append(w.amax(0).mean((1, 2)))
-    return torch.stack(per_step).mean(0)
+    return torch.stack([w.amax(0).mean((1, 2)) for w in weights]).mean(0)
 
 
 def _worker(args) -> tuple[str, list[dict], float]:
-    method, jobs, steps = args
+    bench_name, method, jobs, steps = args
     torch.set_num_threads(1)
     started = time.time()
-    return method.label, run_method(method, jobs, steps), time.time() - started
+    return method.label, run_method(benchmark(bench_name), method, jobs, steps), time.time() - started
 
 
-def evaluate(method_list: list[Method], jobs: list[Job], steps: int, workers: int) -> dict[str, list[dict]]:
+def evaluate(
+    bench_name: str, method_list: list[Method], jobs: list[Job], steps: int, workers: int
+) -> dict[str, list[dict]]:
     """Every method's records; ``workers`` one-thread processes share the (method, chunk) tasks."""
     chunk = max(1, (len(jobs) + 1) // 2) if workers > 1 else len(jobs)
-    tasks = [(m, jobs[i : i + chunk], steps) for m in method_list for i in range(0, len(jobs), chunk)]
+    tasks = [
+        (bench_name, m, jobs[i : i + chunk], steps) for m in method_list for i in range(0, len(jobs), chunk)
+    ]
     results: dict[str, list[dict]] = {m.label: [] for m in method_list}
     if workers > 1:
         import multiprocessing
@@ -218,7 +209,7 @@ def all_present(record: dict) -> float:
     return float(all(record["found"].values()))
 
 
-def summarize(records: list[dict], boot: int = 1000, seed: int = 0) -> dict:
+def summarize(bench: ModuleType, records: list[dict], boot: int = 1000, seed: int = 0) -> dict:
     """Per N and on average: all-present rate with a 95% bootstrap interval, recall per
     category, mean gt-rmse and rows per image."""
     sizes = sorted({len(r["set"]) for r in records})
@@ -235,8 +226,9 @@ def summarize(records: list[dict], boot: int = 1000, seed: int = 0) -> dict:
         pick = torch.randint(0, len(values), (boot, len(values)), generator=gen)
         draws += values[pick].mean(1) / len(sizes)
     recall = {}
-    for category in world.CATEGORIES:
-        hits = [f for r in records for c, f in r["found"].items() if world.CONCEPT[c].category == category]
+    category_of = {c.name: c.category for c in bench.CONCEPTS}
+    for category in bench.CATEGORIES:
+        hits = [f for r in records for c, f in r["found"].items() if category_of[c] == category]
         recall[category] = sum(hits) / len(hits) if hits else float("nan")
     return {
         "rate": rate,
@@ -254,24 +246,24 @@ def _mean_or_nan(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def table(results: dict[str, list[dict]]) -> str:
+def table(bench: ModuleType, results: dict[str, list[dict]]) -> str:
     sizes = sorted({len(r["set"]) for rs in results.values() for r in rs})
     head = (
         f"{'method':<24}"
         + "".join(f"{'N=' + str(n):>6}" for n in sizes)
         + f"{'avg [95% CI]':>20} | "
-        + "".join(f"{SHORT[c]:>6}" for c in world.CATEGORIES)
+        + "".join(f"{SHORT[c]:>6}" for c in bench.CATEGORIES)
         + f" | {'gt-rmse':>7} {'rows':>6} {'win':>5} {'1/N':>5}"
     )
     lines = [head, "-" * len(head)]
     for label, records in results.items():
-        s = summarize(records)
+        s = summarize(bench, records)
         ci = f"{100 * s['avg']:.1f} [{100 * s['ci'][0]:.1f},{100 * s['ci'][1]:.1f}]"
         lines.append(
             f"{label:<24}"
             + "".join(f"{100 * s['rate'][n]:6.1f}" for n in sizes)
             + f"{ci:>20} | "
-            + "".join(f"{100 * s['recall'][c]:6.1f}" for c in world.CATEGORIES)
+            + "".join(f"{100 * s['recall'][c]:6.1f}" for c in bench.CATEGORIES)
             + f" | {s['rmse']:7.3f} {s['rows']:6.0f} {_two(s['win'])} {_two(s['uniform'])}"
         )
     return "\n".join(lines)
@@ -281,9 +273,9 @@ def _two(value: float) -> str:
     return f"{'':>5}" if value != value else f"{value:5.2f}"
 
 
-def selected_sets(which: str, limit: int | None) -> list[tuple[str, ...]]:
+def selected_sets(bench: ModuleType, which: str, limit: int | None) -> list[tuple[str, ...]]:
     """The split's sets; with ``limit``, that many spread evenly over it (every N represented)."""
-    sets = world.split_sets(world.composition_sets())[which]
+    sets = bench.sets(which)
     if limit is not None and limit < len(sets):
         sets = [sets[round(i * (len(sets) - 1) / max(limit - 1, 1))] for i in range(limit)]
     return sets
@@ -293,30 +285,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--benchmark", default="all", help=f"all, or one of {', '.join(BENCHMARKS)}")
     parser.add_argument("--sets", choices=("dev", "test"), default="test")
     parser.add_argument("--seeds", type=int, default=2, help="images per set and method")
     parser.add_argument("--limit", type=int, default=None, help="use this many sets (spread over N)")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    parser.add_argument("--patch-size", type=int, default=1, help="latent pixels of the 16x16 latent")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the benchmark's)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--methods", default=None, help="comma-separated labels' prefixes (default: all)")
     args = parser.parse_args(argv)
+    names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     started = time.time()
-    chosen = methods(args.patch_size, args.temperature)
-    if args.methods:
-        prefixes = [p.strip().lower() for p in args.methods.split(",")]
-        chosen = [m for m in chosen if any(m.label.lower().startswith(p) for p in prefixes)]
-    sets = selected_sets(args.sets, args.limit)
-    jobs = jobs_for(sets, args.seeds)
-    results = evaluate(chosen, jobs, args.steps, args.workers)
-    print(
-        f"synthetic ComposLoRA, {args.sets} half: {len(sets)} sets x {args.seeds} seeds, "
-        f"{args.steps} DDIM steps, CFG 5, LoRA scale 0.8, "
-        f"patch {args.patch_size}, temperature {args.temperature:g}"
-    )
-    print("all = % of images with every element present; per-category recall in %; gt-rmse lower is better")
-    print(table(results))
+    for name in names:
+        bench = benchmark(name)
+        patch_size = patch_size_of(bench)
+        chosen = methods(patch_size, args.temperature)
+        if args.methods:
+            prefixes = [p.strip().lower() for p in args.methods.split(",")]
+            chosen = [m for m in chosen if any(m.label.lower().startswith(p) for p in prefixes)]
+        sets = selected_sets(bench, args.sets, args.limit)
+        jobs = bench.jobs_for(sets, args.seeds)
+        steps = args.steps or bench.STEPS
+        results = evaluate(name, chosen, jobs, steps, args.workers)
+        print(
+            f"{bench.NAME}, {args.sets} half: {len(sets)} sets x {args.seeds} seeds, {steps} steps, "
+            f"CFG {bench.GUIDANCE:g}, LoRA scale {bench.LORA_SCALE:g}, patch {patch_size} of its "
+            f"{bench.LATENT_SIDE}-pixel latent side"
+        )
+        print(
+            "all = % of images with every element present; per-category recall in %; gt-rmse lower is "
+            "better; win = mean weight of the winning LoRA per patch and step (1/N: uniform)"
+        )
+        print(table(bench, results))
+        print()
     print(f"took {time.time() - started:.0f} s")
     return 0
 

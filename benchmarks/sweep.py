@@ -1,17 +1,14 @@
-"""Choose LoRAtorio's patch size, temperature and lam by measurement, on the DEV half only.
+"""Choose LoRAtorio's weighting rule, temperature, patch size and lam on the DEV halves of BOTH
+synthetic benchmarks (a setting counts only if it holds on models it was not tuned on).
 
-    python benchmarks/sweep.py                   # writes docs/sweep.png and prints the table
-    python benchmarks/sweep.py --limit 12        # a quick look
+    python benchmarks/sweep.py                       # both dev halves, 2 seeds a set
+    python benchmarks/sweep.py --limit 48 --seeds 1  # a quicker look
 
-Two stages. First a grid of patch size x temperature at lam = 0.5 (the paper's lam); then lam
-varied at the grid's best pair. The score is the quality benchmark's: the rate of images with
-every element present (mean over N = 2..5, 95% bootstrap interval), with gt-rmse (lower is
-better) and per-category recall beside it. The best cell wins; where its interval overlaps
-others the table shows it, and the README says how sure the choice is. The test half is never
-used here, so the reported table is not tuned on.
-
-Patch sizes are in latent pixels of this model's 16x16 latent: d = 1 here covers 1/16 of the
-side, as d = 4 does on SD1.5's 64x64 latent (512 px).
+Stage 1: every weighting rule over its temperature grid, at patch 1/16 of the latent side and
+lam = 1 (N + 2 rows a step instead of 2N + 2). Stage 2: at the best rule and temperature, patch
+1/8 and lam 0.5. The score of a setting is its all-present rate averaged over N and over the
+two benchmarks; each benchmark's own rate, interval and winning weight are printed beside it, so
+a setting that wins on one model only shows as such. The test halves are never used here.
 """
 
 from __future__ import annotations
@@ -24,141 +21,91 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quality import Method, evaluate, jobs_for, selected_sets, summarize  # noqa: E402
+from quality import BENCHMARKS, Method, benchmark, evaluate, patch_size_of, selected_sets, summarize  # noqa: E402
 
 from loratorio_core.config import LoRAtorioConfig  # noqa: E402
-from loratorio_core.synthetic import world  # noqa: E402
 
-PATCH_SIZES = (1, 2, 4)
-TEMPERATURES = (0.01, 0.1, 1.0, 10.0)
-GRID_LAM = 0.5
-LAMS = (0.0, 0.5, 1.0)
-
-
-def method(patch_size: int, temperature: float, lam: float) -> Method:
-    return Method(
-        f"d={patch_size} tau={temperature:g} lam={lam:g}",
-        LoRAtorioConfig(patch_size=patch_size, temperature=temperature, recenter=lam),
-    )
+TEMPERATURES = {
+    "softmin": (0.01, 0.1, 1.0),
+    "spread": (0.5, 1.0, 2.0, 4.0),
+    "median": (1.0, 3.0, 10.0),
+    "power": (0.5, 1.0, 3.0),
+    "rank": (0.5, 1.0, 2.0, 4.0),
+}
 
 
-def _cell_text(s: dict) -> str:
-    return f"{100 * s['avg']:.1f} [{100 * s['ci'][0]:.0f},{100 * s['ci'][1]:.0f}]"
+def setting(rule: str, tau: float, fraction: float, lam: float) -> tuple[str, float, float, float]:
+    return (rule, tau, fraction, lam)
 
 
-def plot(
-    grid: dict[tuple[int, float], dict], lams: dict[float, dict], best: tuple[int, float], path: Path
-) -> None:
-    """Left: the all-present rate over patch size x temperature (lam 0.5), darker = better, the
-    best cell outlined. Right: lam at the best pair, with 95% intervals. Drawn with PIL."""
-    from PIL import Image, ImageDraw
-
-    cell_w, cell_h, left, top = 110, 44, 70, 56
-    grid_w = left + cell_w * len(TEMPERATURES) + 30
-    panel_w, height = 300, top + cell_h * len(PATCH_SIZES) + 70
-    image = Image.new("RGB", (grid_w + panel_w, max(height, 260)), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 8), "all elements present (dev half), lam = 0.5", fill="black")
-    draw.text(
-        (10, 22), "rows: patch size d (latent px of 16x16); columns: temperature tau", fill=(90, 90, 90)
-    )
-    rates = [s["avg"] for s in grid.values()]
-    low, high = min(rates), max(rates)
-    for i, d in enumerate(PATCH_SIZES):
-        draw.text((left - 40, top + i * cell_h + cell_h // 2 - 6), f"d={d}", fill="black")
-        for j, tau in enumerate(TEMPERATURES):
-            s = grid[(d, tau)]
-            shade = (s["avg"] - low) / max(high - low, 1e-6)
-            colour = tuple(int(255 - shade * (255 - c)) for c in (0, 90, 160))
-            box = [left + j * cell_w, top + i * cell_h, left + (j + 1) * cell_w, top + (i + 1) * cell_h]
-            draw.rectangle(box, fill=colour, outline="white")
-            ink = "white" if shade > 0.55 else "black"
-            draw.text((box[0] + 6, box[1] + 15), _cell_text(s), fill=ink)
-            if (d, tau) == best:
-                draw.rectangle(box, outline=(213, 94, 0), width=3)
-    for j, tau in enumerate(TEMPERATURES):
-        draw.text((left + j * cell_w + cell_w // 2 - 14, top - 14), f"tau={tau:g}", fill="black")
-    draw.text(
-        (10, height - 30),
-        "outlined: the best cell (the shipped setting); [95% bootstrap interval]",
-        fill="black",
-    )
-
-    x0, x1, y0, y1 = grid_w + 40, grid_w + panel_w - 20, top, height - 50
-    values = [s["ci"][1] for s in lams.values()] + [s["ci"][0] for s in lams.values()]
-    vmax, vmin = min(1.0, max(values) + 0.05), max(0.0, min(values) - 0.05)
-
-    def y_of(v: float) -> float:
-        return y0 + (y1 - y0) * (vmax - v) / max(vmax - vmin, 1e-6)
-
-    draw.text((x0, 8), f"lam at d={best[0]}, tau={best[1]:g}", fill="black")
-    draw.rectangle([x0, y0, x1, y1], outline="black")
-    for tick in range(5):
-        v = vmin + (vmax - vmin) * tick / 4
-        draw.line([x0 - 4, y_of(v), x0, y_of(v)], fill="black")
-        draw.text((x0 - 36, y_of(v) - 6), f"{100 * v:.0f}%", fill="black")
-    points = []
-    for i, (lam, s) in enumerate(lams.items()):
-        x = x0 + (x1 - x0) * (i + 0.5) / len(lams)
-        draw.line([x, y_of(s["ci"][0]), x, y_of(s["ci"][1])], fill=(0, 114, 178), width=2)
-        points.append((x, y_of(s["avg"])))
-        draw.text((x - 8, y1 + 6), f"{lam:g}", fill="black")
-    draw.line(points, fill=(0, 114, 178), width=2)
-    for x, y in points:
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(0, 114, 178))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+def label(key: tuple[str, float, float, float]) -> str:
+    rule, tau, fraction, lam = key
+    return f"{rule} tau={tau:g} d=1/{round(1 / fraction)} lam={lam:g}"
 
 
-def _row(label: str, s: dict) -> str:
-    return (
-        f"{label:<26}{_cell_text(s):>18} | "
-        + "".join(f"{100 * s['recall'][c]:7.1f}" for c in world.CATEGORIES)
-        + f" | {s['rmse']:7.3f} {s['rows']:5.0f}"
-    )
+def run(keys: list[tuple], names: list[str], args: argparse.Namespace) -> dict:
+    """{key: {benchmark: summary}} for every setting on every benchmark's dev half."""
+    scores: dict[tuple, dict[str, dict]] = {key: {} for key in keys}
+    for name in names:
+        bench = benchmark(name)
+        jobs = bench.jobs_for(selected_sets(bench, "dev", args.limit), args.seeds)
+        methods = {
+            key: Method(
+                label(key),
+                LoRAtorioConfig(
+                    weighting=key[0],
+                    temperature=key[1],
+                    patch_size=patch_size_of(bench, key[2]),
+                    recenter=key[3],
+                ),
+            )
+            for key in keys
+        }
+        results = evaluate(name, list(methods.values()), jobs, args.steps or bench.STEPS, args.workers)
+        for key, m in methods.items():
+            scores[key][name] = summarize(bench, results[m.label])
+    return scores
+
+
+def row(key: tuple, per_bench: dict[str, dict], names: list[str]) -> str:
+    cells = []
+    for name in names:
+        s = per_bench[name]
+        ci = f"[{100 * s['ci'][0]:3.0f},{100 * s['ci'][1]:3.0f}]"
+        cells.append(f"{100 * s['avg']:5.1f} {ci} {s['win']:.2f}")
+    mean = sum(per_bench[n]["avg"] for n in names) / len(names)
+    return f"{label(key):<32}" + "".join(f"{c:>24}" for c in cells) + f"{100 * mean:8.1f}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--benchmark", default="all", help=f"all, or one of {', '.join(BENCHMARKS)}")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the benchmark's)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument(
-        "--plot", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "sweep.png"
-    )
     args = parser.parse_args(argv)
+    names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     started = time.time()
-    sets = selected_sets("dev", args.limit)
-    jobs = jobs_for(sets, args.seeds)
-    grid_methods = {(d, tau): method(d, tau, GRID_LAM) for d in PATCH_SIZES for tau in TEMPERATURES}
-    results = evaluate(list(grid_methods.values()), jobs, args.steps, args.workers)
-    grid = {key: summarize(results[m.label]) for key, m in grid_methods.items()}
-    best = max(grid, key=lambda key: grid[key]["avg"])
-    lam_methods = {lam: method(*best, lam) for lam in LAMS}
-    extra = [m for lam, m in lam_methods.items() if lam != GRID_LAM]
-    results.update(evaluate(extra, jobs, args.steps, args.workers))
-    lams = {lam: summarize(results[m.label]) for lam, m in lam_methods.items()}
-    best_lam = max(LAMS, key=lambda lam: lams[lam]["avg"])
+    stage1 = [setting(r, t, 1 / 16, 1.0) for r, taus in TEMPERATURES.items() for t in taus]
+    scores = run(stage1, names, args)
 
-    print(f"LoRAtorio sweep on the dev half: {len(sets)} sets x {args.seeds} seeds, {args.steps} DDIM steps")
-    head = (
-        f"{'setting':<26}{'all avg [95% CI]':>18} | "
-        + "".join(f"{c[:5]:>7}" for c in world.CATEGORIES)
-        + f" | {'gt-rmse':>7} {'rows':>5}"
-    )
-    print(head)
-    print("-" * len(head))
-    for key, m in grid_methods.items():
-        print(_row(m.label, grid[key]) + (" <- best" if key == best else ""))
-    print("-" * len(head))
-    for lam, m in lam_methods.items():
-        print(_row(m.label, lams[lam]) + (" <- best" if lam == best_lam else ""))
-    print(f"best: patch {best[0]}, temperature {best[1]:g}, lam {best_lam:g}")
-    plot(grid, lams, best, args.plot)
-    print(f"wrote {args.plot}; took {time.time() - started:.0f} s")
+    def mean(key: tuple) -> float:
+        return sum(scores[key][n]["avg"] for n in names) / len(names)
+
+    best = max(stage1, key=mean)
+    stage2 = [setting(best[0], best[1], 1 / 8, 1.0), setting(best[0], best[1], 1 / 16, 0.5)]
+    scores.update(run(stage2, names, args))
+    winner = max(stage1 + stage2, key=mean)
+
+    print(f"LoRAtorio sweep on the dev halves ({args.limit or 'all'} sets a benchmark x {args.seeds} seeds)")
+    print("per benchmark: all-present avg % [95% CI] and the winning LoRA's mean weight; last: mean of both")
+    print(f"{'setting':<32}" + "".join(f"{n:>24}" for n in names) + f"{'mean':>8}")
+    for key in stage1 + stage2:
+        print(row(key, scores[key], names) + (" <- best" if key == winner else ""))
+    print(f"best: {label(winner)}; took {time.time() - started:.0f} s")
     return 0
 
 

@@ -9,12 +9,11 @@ their precision and recall on freshly rendered ground truth.
 
 from __future__ import annotations
 
-import random
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .composition import add_pixel_noise, precision_recall, validation_scenes
 from .world import (
     CONCEPT,
     CONCEPTS,
@@ -163,38 +162,12 @@ def _edge_correlation(lum: Tensor, templates: Tensor) -> Tensor:
 
 def validate(count: int = 400, seed: int = 1234, noise: float = 0.0) -> dict[str, dict[str, float]]:
     """Precision and recall of every detector on ``count`` freshly rendered scenes of random
-    composition sets (half of them with one concept of each set dropped, so every detector meets
-    scenes of its own category without its concept).
+    composition sets (``composition.validation_scenes``: some with one concept of the set dropped,
+    so every detector meets scenes of its own category without its concept), with Gaussian pixel
+    noise of std ``noise``.
 
     -> {concept: {"precision", "recall", "positives", "negatives"}}.
     """
-    rng = random.Random(seed)
-    sets = composition_sets()
-    scenes, truths = [], []
-    for i in range(count):
-        chosen = list(rng.choice(sets))
-        if i % 3 == 1:  # one concept fewer (a character is swapped for a plain shape)
-            chosen.pop(rng.randrange(len(chosen)))
-        elif i % 3 == 2:  # plain shapes with any other concepts (what the base and LoRAs train on)
-            chosen = [c for c in chosen[1:] if rng.random() < 0.5]
-        scene = scene_for(tuple(chosen), rng)
-        scenes.append(scene)
-        truths.append(set(scene.concepts()))
-    images = torch.stack([render(s) for s in scenes])
-    if noise:
-        images = (
-            images + noise * torch.randn(images.shape, generator=torch.Generator().manual_seed(seed))
-        ).clamp(0, 1)
-    found = detect_all(images)
-    report = {}
-    for concept in CONCEPTS:
-        truth = torch.tensor([concept.name in t for t in truths])
-        hit = found[concept.name]
-        tp = int((hit & truth).sum())
-        report[concept.name] = {
-            "precision": tp / max(int(hit.sum()), 1),
-            "recall": tp / max(int(truth.sum()), 1),
-            "positives": int(truth.sum()),
-            "negatives": int((~truth).sum()),
-        }
-    return report
+    scenes = validation_scenes(composition_sets(), scene_for, count, seed)
+    images = add_pixel_noise(torch.stack([render(s) for s in scenes]), noise, seed)
+    return precision_recall(detect_all(images), [set(s.concepts()) for s in scenes])

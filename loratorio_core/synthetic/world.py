@@ -13,13 +13,15 @@ unsaturated, every concept colour has its own hue, and both styles only multiply
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+
+from . import composition
+from .composition import CATEGORIES, SLOTS
 
 SIZE = 32
 CONTEXT_LENGTH = 8
@@ -43,7 +45,6 @@ class Concept:
     hue: float | None = None
 
 
-CATEGORIES = ("character", "clothing", "background", "object", "style")
 CONCEPTS = (
     Concept("kiro", "character", "a red plus-shaped figure", (0.90, 0.15, 0.10), 4.0),
     Concept("mumo", "character", "a blue ring figure", (0.15, 0.35, 0.95), 224.0),
@@ -88,7 +89,25 @@ class Scene:
     def concepts(self) -> tuple[str, ...]:
         """The LoRA concepts in the scene, character first, then in category order."""
         parts = (self.figure, self.clothing, self.background, self.object, self.style)
-        return tuple(p for p in parts if p in CONCEPT)
+        return tuple(p for p in parts if p in self.known_concepts())
+
+    @staticmethod
+    def known_concepts() -> dict[str, Concept]:
+        """The world's concepts by name (a world that reuses this scene type gives its own)."""
+        return CONCEPT
+
+    def at(self, layout: dict) -> Scene:
+        """The same scene in another layout (one of ``LAYOUTS``)."""
+        return replace(self, **layout)
+
+
+# Every layout a scene can take (the nuisance variables), in a fixed order.
+LAYOUTS = [
+    {"dx": dx, "dy": dy, "object_right": side}
+    for dx in range(-2, 3)
+    for dy in range(-1, 2)
+    for side in (0, 1)
+]
 
 
 def random_layout(rng: random.Random) -> dict:
@@ -103,15 +122,8 @@ def scene_for(concepts: tuple[str, ...], rng: random.Random, background: str | N
         "background": background or rng.choice(tuple(BASE_BACKGROUNDS)),
         "figure": rng.choice(BASE_SHAPES),
     }
-    slots = {
-        "character": "figure",
-        "clothing": "clothing",
-        "background": "background",
-        "object": "object",
-        "style": "style",
-    }
     for name in concepts:
-        fields[slots[CONCEPT[name].category]] = name
+        fields[SLOTS[CONCEPT[name].category]] = name
     return Scene(**fields, **random_layout(rng))
 
 
@@ -126,13 +138,7 @@ def caption(scene: Scene) -> list[str]:
 
 def tokenize(words: list[str] | tuple[str, ...]) -> Tensor:
     """Words -> (CONTEXT_LENGTH,) long token ids, padded with ``PAD`` (id 0)."""
-    if len(words) > CONTEXT_LENGTH:
-        raise ValueError(f"at most {CONTEXT_LENGTH} words; got {len(words)}")
-    unknown = [w for w in words if w not in TOKEN_ID]
-    if unknown:
-        raise ValueError(f"unknown words {unknown}; the vocabulary is {', '.join(VOCABULARY[1:])}")
-    ids = [TOKEN_ID[w] for w in words] + [0] * (CONTEXT_LENGTH - len(words))
-    return torch.tensor(ids, dtype=torch.long)
+    return composition.tokenize(words, VOCABULARY, CONTEXT_LENGTH)
 
 
 # --- masks ------------------------------------------------------------------------------------
@@ -233,40 +239,17 @@ def composition_sets() -> list[tuple[str, ...]]:
 
     -> 240 sets (24 + 72 + 96 + 48 for N = 2..5), each character first then in category order.
     """
-    others = [(None, *BY_CATEGORY[c]) for c in CATEGORIES[1:]]
-    sets = []
-    for character in BY_CATEGORY["character"]:
-        for choice in itertools.product(*others):
-            chosen = tuple(c for c in choice if c is not None)
-            if chosen:
-                sets.append((character, *chosen))
-    return sorted(sets, key=lambda s: (len(s), s))
+    return composition.composition_sets(BY_CATEGORY)
 
 
 def split_sets(sets: list[tuple[str, ...]], seed: int = 0) -> dict[str, list[tuple[str, ...]]]:
-    """A fixed half/half split into ``dev`` (choosing settings) and ``test`` (reporting),
-    stratified by N so both halves have the same mix of sizes."""
-    rng = random.Random(seed)
-    dev, test = [], []
-    for n in sorted({len(s) for s in sets}):
-        group = [s for s in sets if len(s) == n]
-        rng.shuffle(group)
-        half = len(group) // 2
-        dev += sorted(group[:half])
-        test += sorted(group[half:])
-    return {"dev": dev, "test": test}
+    """A fixed half/half split into ``dev`` and ``test`` (``composition.split_sets``)."""
+    return composition.split_sets(sets, seed)
 
 
 def prompt_for(concepts: tuple[str, ...], background: str = "gray") -> list[str]:
     """A composition prompt: the triggers (character first), plus a plain background colour when
     no background LoRA is among them (the scene still needs one)."""
     scene = Scene(background=background, figure="square")
-    slots = {
-        "character": "figure",
-        "clothing": "clothing",
-        "background": "background",
-        "object": "object",
-        "style": "style",
-    }
-    scene = replace(scene, **{slots[CONCEPT[n].category]: n for n in concepts})
+    scene = replace(scene, **{SLOTS[CONCEPT[n].category]: n for n in concepts})
     return caption(scene)
