@@ -113,14 +113,16 @@ def pool_of(bench: ModuleType) -> tuple[str, ...]:
     return tuple(c.name for c in bench.CONCEPTS)
 
 
-def named_by_prompt(bench: ModuleType, prompt: Sequence[str]) -> tuple[str, ...]:
-    """The pool's LoRAs whose training tags (their files' ``ss_tag_frequency``) the prompt
-    names, as a WebUI host computes it."""
+def pool_tags(bench: ModuleType) -> list[dict[str, int]]:
+    """Each pool LoRA's training tags, from its file's ``ss_tag_frequency`` (read once a chunk)."""
     files = bench.lora_files()
-    pool = pool_of(bench)
-    tags = [tag_frequencies(read_metadata(files[name])) for name in pool]
+    return [tag_frequencies(read_metadata(files[name])) for name in pool_of(bench)]
+
+
+def named_by_prompt(bench: ModuleType, prompt: Sequence[str], tags: list[dict[str, int]]) -> tuple[str, ...]:
+    """The pool's LoRAs whose training tags ``tags`` the prompt names, as a WebUI host computes it."""
     relevance = tag_relevance(" ".join(prompt), tags)
-    return tuple(name for name, r in zip(pool, relevance.tolist(), strict=True) if r > NAMED)
+    return tuple(name for name, r in zip(pool_of(bench), relevance.tolist(), strict=True) if r > NAMED)
 
 
 def jobs_of(bench: ModuleType, method: Method, part: list[Job]) -> list[Job]:
@@ -129,9 +131,11 @@ def jobs_of(bench: ModuleType, method: Method, part: list[Job]) -> list[Job]:
         return [Job((), j.prompt, j.seeds) for j in part]
     if method.pool is None:
         return part
-    tags = method.pool == "tags"
+    tags = pool_tags(bench) if method.pool == "tags" else None
     pool = pool_of(bench)
-    return [Job(pool, j.prompt, j.seeds, named_by_prompt(bench, j.prompt) if tags else None) for j in part]
+    return [
+        Job(pool, j.prompt, j.seeds, named_by_prompt(bench, j.prompt, tags) if tags else None) for j in part
+    ]
 
 
 def run_method(bench: ModuleType, method: Method, jobs: list[Job], steps: int, chunk: int = 48) -> list[dict]:

@@ -37,7 +37,9 @@ def tag_relevance(prompt: str, tags: Sequence[Mapping[str, int]]) -> Tensor:
     has: its trigger, not "1girl"; generic tags never add up to a name.
     """
     words = f" {normalized_words(prompt)} "
-    normalized = [{normalized_words(t): c for t, c in lora.items() if normalized_words(t)} for lora in tags]
+    normalized = [
+        {word: count for tag, count in lora.items() if (word := normalized_words(tag))} for lora in tags
+    ]
     sharing: dict[str, int] = {}
     for lora in normalized:
         for tag in lora:
@@ -46,5 +48,5 @@ def tag_relevance(prompt: str, tags: Sequence[Mapping[str, int]]) -> Tensor:
     for i, lora in enumerate(normalized):
         top = max(lora.values(), default=0)
         matched = [count / top / sharing[tag] for tag, count in lora.items() if f" {tag} " in words]
-        scores[i] = max([m for m in matched if m > 0], default=0.0) if top > 0 else 0.0
+        scores[i] = max(matched, default=0.0) if top > 0 else 0.0
     return scores
