@@ -147,8 +147,8 @@ def train_base(
     gen = torch.Generator().manual_seed(seed)
     if resume:
         previous = kit.model.load_model(out, loras=[])
-        unet, text = previous.unet, previous.text_encoder
-        unet.requires_grad_(True).train(), text.requires_grad_(True).train()
+        unet = previous.unet.requires_grad_(True).train()
+        text = previous.text_encoder.requires_grad_(True).train()
     else:
         unet, text = kit.model.new_unet(), kit.model.TextEncoder()
     ema_unet, ema_text = copy.deepcopy(unet), copy.deepcopy(text)
@@ -304,14 +304,18 @@ def rewrite_metadata(kit: Kit, name: str, weights: Path) -> None:
     print(f"rewrote the metadata of {path}", flush=True)
 
 
-def alone_rates(kit: Kit, names: list[str], seeds: int, weights: Path) -> dict[str, float]:
+def alone_rates(
+    kit: Kit, names: list[str], seeds: int, weights: Path, background: str | None = None
+) -> dict[str, float]:
     """Each LoRA alone (LoRAtorio with one LoRA is that LoRA under CFG), prompt = its training
-    caption form: the rate its detector finds its concept. This bounds any composition."""
+    caption form on the plain ``background`` (default: the world's first): the rate its detector
+    finds its concept. This bounds any composition."""
     model = kit.model.load_model(weights, loras=names)
     rng = random.Random(0)
+    background = background or next(iter(kit.world.BASE_BACKGROUNDS))
     jobs = []
     for name in names:
-        scene = kit.world.scene_for((name,), rng, background=next(iter(kit.world.BASE_BACKGROUNDS)))
+        scene = kit.world.scene_for((name,), rng, background=background)
         jobs.append(Job((name,), tuple(kit.world.caption(scene)), tuple(range(seeds))))
     out = sample(
         model,
@@ -325,6 +329,16 @@ def alone_rates(kit: Kit, names: list[str], seeds: int, weights: Path) -> dict[s
         name: float(kit.detectors.detect(name, images).float().mean())
         for name, images in zip(names, out.images, strict=True)
     }
+
+
+def print_alone_rates_per_background(kit: Kit, names: list[str], weights: Path) -> None:
+    """``check --every-background``: each LoRA alone on each plain background in turn (the
+    composition prompts use all of them; a background LoRA replaces it)."""
+    backgrounds = list(kit.world.BASE_BACKGROUNDS)
+    columns = [alone_rates(kit, names, 16, weights, b) for b in backgrounds]
+    for name in names:
+        rates = "  ".join(f"{b}: {c[name]:4.0%}" for b, c in zip(backgrounds, columns, strict=True))
+        print(f"{name:8s} alone, detected in 16 images on {rates}")
 
 
 def main() -> None:
@@ -344,6 +358,9 @@ def main() -> None:
         "--concept-weight", type=float, default=4.0, help="LoRA: extra loss weight on its pixels"
     )
     parser.add_argument("--resume", action="store_true", help="base: continue from the weights' base model")
+    parser.add_argument(
+        "--every-background", action="store_true", help="check: each plain background, not only the first"
+    )
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (base 2e-3, LoRA 4e-3)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -368,6 +385,8 @@ def main() -> None:
     elif args.what == "metadata":
         for name in names:
             rewrite_metadata(kit, name, weights)
+    elif args.every_background:
+        print_alone_rates_per_background(kit, names, weights)
     else:
         for name, rate in alone_rates(kit, names, 16, weights).items():
             print(f"{name:8s} alone: detected in {rate:.0%} of 16 images")
