@@ -13,6 +13,7 @@ from .files import (
 )
 from .keymap import layer_aliases
 from .runtime import LoRARuntime, evaluate_entries
+from .specs import split_scale
 
 __all__ = [
     "BoundLoRA",
@@ -28,5 +29,6 @@ __all__ = [
     "read_metadata",
     "read_safetensors",
     "save_lora",
+    "split_scale",
     "trigger_words",
 ]
