@@ -79,8 +79,8 @@ class A1111Session(Session):
         if self.settings.pool:
             taken = {a.name for a in adapters}
             try:
-                for name, pool_layers in self.pool_layers(networks, unet, taken):
-                    adapters.append(Adapter(name, 1.0))
+                for adapter, pool_layers in self.pool_layers(networks, unet, taken):
+                    adapters.append(adapter)
                     layers.append(pool_layers)
             except ValueError as error:  # a bad pool or LoRA file: fail this generation, clearly
                 self.error = str(error)
@@ -182,7 +182,7 @@ class A1111Session(Session):
         """Record the rows of this step's CFG batch: cond rows per image (AND), then uncond rows."""
         if self.pending is not None:  # A1111 < 1.9: this pass starts now
             p, self.pending = self.pending, None
-            self.begin_pass(p)
+            self.start_pass(p)
         if self.rows is None:
             return
         uncond = params.text_uncond

@@ -13,11 +13,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from loratorio_core import LoRAtorioConfig
+from loratorio_core import LoRAtorioConfig, infotext
+from loratorio_core.config import format_patch, parse_patch
 
-# UI labels of the modes (the core's names in lower case).
-MODE_LABELS = {"LoRAtorio": "loratorio", "Composite": "composite", "Switch": "switch", "Merge": "merge"}
+# UI labels of the modes -> the core's names.
+MODE_LABELS = {label: mode for mode, label in infotext.MODE_LABELS.items()}
 _DEFAULTS = LoRAtorioConfig()
+# The patch-size control's choices: fractions of the latent's side, then absolute latent pixels.
+PATCH_CHOICES = ["1/32", "1/16", "1/8", "1/4"] + [str(size) for size in range(1, 17)]
+
+
+class PatchSize:
+    """The kind of the patch-size argument: a fraction of the latent's side ("1/16") or an absolute
+    size in latent pixels (4 or "4"); held as the text users write ("1/16", "4")."""
 
 
 @dataclass(frozen=True)
@@ -32,18 +40,24 @@ class Arg:
 
 
 ARGS: tuple[Arg, ...] = (
-    Arg("enabled", bool, False, "LoRAtorio", "compose the prompt's LoRAs with LoRAtorio"),
-    Arg("mode", str, "LoRAtorio", "LoRAtorio mode", "LoRAtorio, or a baseline: Composite, Switch, Merge"),
-    Arg("patch_size", int, _DEFAULTS.patch_size, "LoRAtorio patch size", "patch side in latent pixels"),
-    Arg("temperature", float, _DEFAULTS.temperature, "LoRAtorio temperature", "SoftMin temperature"),
-    Arg("recenter", float, _DEFAULTS.recenter, "LoRAtorio recenter", "lam of the re-centred uncond"),
-    Arg("pool", str, "", "LoRAtorio pool", "a named pool or a folder of LoRAs to choose from"),
-    Arg("top_k", int, 0, "LoRAtorio top-k", "keep the k most relevant LoRAs per image (0: all)"),
+    Arg("enabled", bool, False, infotext.ENABLED, "compose the prompt's LoRAs with LoRAtorio"),
+    Arg("mode", str, "LoRAtorio", infotext.MODE, "LoRAtorio, or a baseline: Composite, Switch, Merge"),
+    Arg(
+        "patch_size",
+        PatchSize,
+        format_patch(_DEFAULTS),
+        infotext.PATCH_SIZE,
+        "patch side: a fraction of the latent's shorter side (1/16) or latent pixels (4)",
+    ),
+    Arg("temperature", float, _DEFAULTS.temperature, infotext.TEMPERATURE, "SoftMin temperature"),
+    Arg("recenter", float, _DEFAULTS.recenter, infotext.RECENTER, "lam of the re-centred uncond"),
+    Arg("pool", str, "", infotext.POOL, "a named pool or a folder of LoRAs to choose from"),
+    Arg("top_k", int, 0, infotext.TOP_K, "keep the k most relevant LoRAs per image (0: all)"),
     Arg(
         "reselect_every",
         int,
         _DEFAULTS.reselect_every,
-        "LoRAtorio reselect every",
+        infotext.RESELECT_EVERY,
         "steps between selections",
     ),
     Arg("show_maps", bool, False, "", "add each LoRA's weight map to the outputs"),
@@ -57,7 +71,7 @@ class Settings:
 
     enabled: bool = False
     mode: str = "LoRAtorio"
-    patch_size: int = _DEFAULTS.patch_size
+    patch_size: str = format_patch(_DEFAULTS)
     temperature: float = _DEFAULTS.temperature
     recenter: float = _DEFAULTS.recenter
     pool: str = ""
@@ -72,7 +86,7 @@ class Settings:
             top_k = None
         return LoRAtorioConfig(
             mode=MODE_LABELS[self.mode],
-            patch_size=self.patch_size,
+            **parse_patch(self.patch_size),
             temperature=self.temperature,
             recenter=self.recenter,
             top_k=top_k if MODE_LABELS[self.mode] == "loratorio" else None,
@@ -80,16 +94,8 @@ class Settings:
         )
 
     def infotext(self) -> dict[str, object]:
-        """The generation parameters that record these settings (only when enabled)."""
-        if not self.enabled:
-            return {}
-        params: dict[str, object] = {arg.infotext: getattr(self, arg.name) for arg in ARGS if arg.infotext}
-        params["LoRAtorio"] = True
-        if not self.pool:
-            del params["LoRAtorio pool"]
-        if not self.top_k:
-            del params["LoRAtorio top-k"], params["LoRAtorio reselect every"]
-        return params
+        """The generation parameters that record a composition made with these settings."""
+        return infotext.generation_params(self.config(), pool=self.pool)
 
 
 def parse_args(values: Sequence[object]) -> Settings:
@@ -118,7 +124,7 @@ def parse_args(values: Sequence[object]) -> Settings:
 
 def from_infotext(params: dict[str, str]) -> dict[str, object]:
     """Generation parameters (as pasted back) -> argument values by name, for the UI fields."""
-    if str(params.get("LoRAtorio", "")).lower() not in ("true", "1"):
+    if str(params.get(infotext.ENABLED, "")).lower() not in ("true", "1"):
         return {}
     out: dict[str, object] = {"enabled": True}
     for index, arg in enumerate(ARGS):
@@ -132,6 +138,11 @@ def from_infotext(params: dict[str, str]) -> dict[str, object]:
 
 def _coerce(index: int, arg: Arg, value: object) -> object:
     where = f"LoRAtorio argument {index} ({arg.name})"
+    if arg.kind is PatchSize:
+        try:
+            return format_patch(LoRAtorioConfig(**parse_patch(value)))
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from None
     if arg.kind is bool:
         if isinstance(value, bool):
             return value

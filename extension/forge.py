@@ -72,8 +72,8 @@ class ForgeSession(Session):
             networks = sys.modules.get("networks")
             taken = {a.name for a in adapters}
             try:
-                for name, pool_layers in self.pool_layers(networks, model, taken):
-                    adapters.append(Adapter(name, 1.0))
+                for adapter, pool_layers in self.pool_layers(networks, model, taken):
+                    adapters.append(adapter)
                     layers.append(pool_layers)
             except ValueError as error:  # a bad pool or LoRA file: fail this generation, clearly
                 self.error = str(error)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .args import PATCH_CHOICES
+
 SECTION = ("loratorio", "LoRAtorio")
 SHARED, PER_LORA = "shared", "per LoRA"
 
@@ -23,15 +25,17 @@ OPTIONS = {
         SHARED,
         "Text-encoder parts of composed LoRAs: shared (every row sees the prompt as all of them encode "
         "it, as the built-in Lora does) or per LoRA (each LoRA's rows see its own encoding, the base "
-        "rows the plain one; one more prompt encoding per LoRA and pass; A1111)",
+        "rows the plain one; one more prompt encoding per LoRA and pass)",
         "radio",
         {"choices": [SHARED, PER_LORA]},
     ),
-    "loratorio_default_patch_size": (
-        4,
-        "Default patch size",
-        "slider",
-        {"minimum": 1, "maximum": 16, "step": 1},
+    # A new key: the old "loratorio_default_patch_size" (an absolute 4) sits in every user's saved
+    # settings, and would keep them off the fraction default.
+    "loratorio_default_patch": (
+        "1/16",
+        "Default patch size (a fraction of the latent's shorter side, or latent pixels)",
+        "dropdown",
+        {"choices": PATCH_CHOICES},
     ),
     "loratorio_default_temperature": (
         1.0,
@@ -53,7 +57,7 @@ def register() -> None:
     import gradio as gr
     from modules import shared
 
-    components = {"slider": gr.Slider, "checkbox": gr.Checkbox, "radio": gr.Radio}
+    components = {"slider": gr.Slider, "checkbox": gr.Checkbox, "radio": gr.Radio, "dropdown": gr.Dropdown}
     for key, (default, label, kind, args) in OPTIONS.items():
         shared.opts.add_option(
             key, shared.OptionInfo(default, label, components[kind], args, section=SECTION)

@@ -10,8 +10,10 @@ import gradio as gr
 from modules import script_callbacks, scripts
 from modules.ui_components import InputAccordion, ToolButton
 
+from loratorio_core import infotext
+
 from . import hosts, options, session, tab, xyz
-from .args import ARGS, MODE_LABELS, NAMES, Settings, from_infotext, parse_args
+from .args import ARGS, MODE_LABELS, NAMES, PATCH_CHOICES, Settings, from_infotext, parse_args
 from .maps import mean_weights, weight_map_images
 
 TOOLTIPS = {arg.name: arg.help for arg in ARGS}
@@ -29,7 +31,7 @@ class LoRAtorioScript(scripts.Script):
     def ui(self, is_img2img):
         xyz.register()  # when xyz_grid loaded before us (API-only mode runs ui() before on_before_ui)
         defaults = Settings(
-            patch_size=int(options.get("loratorio_default_patch_size")),
+            patch_size=_default_patch(),
             temperature=float(options.get("loratorio_default_temperature")),
             recenter=float(options.get("loratorio_default_recenter")),
         )
@@ -39,11 +41,11 @@ class LoRAtorioScript(scripts.Script):
                     choices=list(MODE_LABELS), value=defaults.mode, label="Mode", elem_id=self.elem_id("mode")
                 )
             with gr.Row():
-                patch_size = gr.Slider(
-                    1,
-                    16,
-                    step=1,
+                # a fraction of the latent's side (each pass its own size) or absolute latent pixels
+                patch_size = gr.Dropdown(
+                    choices=PATCH_CHOICES,
                     value=defaults.patch_size,
+                    allow_custom_value=True,
                     label="Patch size",
                     elem_id=self.elem_id("patch_size"),
                 )
@@ -128,7 +130,7 @@ class LoRAtorioScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         active = session.current()
         if active is not None:
-            active.begin_pass(p)
+            active.start_pass(p)
 
     # A1111 before 1.9 has no process_before_every_sampling: the pass is set up at its first
     # on_cfg_denoiser instead, after the prompts were encoded (as 1.9+ does) and before any UNet call.
@@ -144,8 +146,8 @@ class LoRAtorioScript(scripts.Script):
         active = session.current()
         if active is not None and active.rows is not None and active.rows.kept:
             kept = active.rows.kept
-            p.extra_generation_params["LoRAtorio kept"] = [
-                ", ".join(kept.get(i, [])) for i in range(len(kept))
+            p.extra_generation_params[infotext.KEPT] = [
+                infotext.kept_value(kept.get(i, [])) for i in range(len(kept))
             ]
 
     def postprocess(self, p, processed, *args):
@@ -155,6 +157,14 @@ class LoRAtorioScript(scripts.Script):
                 _add_maps(active, processed)
         finally:
             session.stop()
+
+
+def _default_patch() -> str:
+    """The settings' default patch size; the built-in default when a hand-edited one does not parse."""
+    try:
+        return parse_args([False, "LoRAtorio", options.get("loratorio_default_patch")]).patch_size
+    except ValueError:
+        return Settings().patch_size
 
 
 def _runner_has_sampling_hook(p) -> bool:
@@ -167,12 +177,14 @@ def _prompt_loras(p) -> int:
 
 
 def _add_maps(session, processed) -> None:
-    """Each image's LoRA weight maps (mean over the steps of its last pass), after the images."""
+    """Each image's LoRA weight maps (mean over the steps of its last pass), after the images.
+    The WebUI puts the grid (batch size or count > 1) before the images: ``index_of_first_image``."""
+    first = getattr(processed, "index_of_first_image", 0)
     extra, extra_info = [], []
     for batch, rows in session.last_pass_of_batch().items():
         names = [a.name for a in rows.adapters]
-        for sample in range(len(processed.images)):
-            index = batch * session.batch_size + sample
+        for sample in range(session.batch_size):
+            index = first + batch * session.batch_size + sample
             weights = mean_weights(rows.weights, sample)
             if weights is None or index >= len(processed.images):
                 continue

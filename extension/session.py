@@ -45,6 +45,24 @@ class Session:
     def begin_pass(self, p) -> None:
         raise NotImplementedError
 
+    def start_pass(self, p) -> None:
+        """Begin a sampling pass; when it composes nothing, say so where the user looks."""
+        self.begin_pass(p)
+        if self.rows is None and self.error is None:
+            self.note(
+                p,
+                "nothing composed: the prompt has no LoRA that the WebUI loaded and LoRAtorio can compose "
+                "(a <lora:...> tag it cannot load, or every LoRA left to its own merge: see the lines "
+                "above) and no pool; this image was made without LoRAtorio",
+            )
+
+    def note(self, p, message: str) -> None:
+        """In the console and in the generation's own warnings under the image (``p.comment``)."""
+        self.warn(message)
+        comment = getattr(p, "comment", None)
+        if callable(comment):
+            comment(f"LoRAtorio: {message}")
+
     def on_cfg_denoiser(self, params) -> None:
         """A1111 reads its CFG batch layout here; other hosts do not need it."""
 
@@ -61,19 +79,22 @@ class Session:
         )
         self.passes.append((getattr(p, "iteration", 0), self.rows))
         self.batch_size = getattr(p, "batch_size", 1)
+        p.extra_generation_params.update(self.settings.infotext())  # recorded only once composed
 
-    def pool_layers(self, networks, unet, taken: set[str]) -> Iterator[tuple[str, dict[str, LayerUpdate]]]:
-        """(name, UNet layers) of the pool's LoRAs not already composed from the prompt."""
+    def pool_layers(
+        self, networks, unet, taken: set[str]
+    ) -> Iterator[tuple[Adapter, dict[str, LayerUpdate]]]:
+        """(adapter, UNet layers) of the pool's LoRAs not already composed from the prompt."""
         from loratorio_core.lora import bind_lora, layer_aliases
 
         from .pools import load_cached, resolve
 
         aliases = layer_aliases(unet)
-        for path in resolve(self.settings.pool, networks.available_network_aliases):
+        for path, scale in resolve(self.settings.pool, networks.available_network_aliases):
             if path.stem in taken:
                 continue
             bound = bind_lora(unet, load_cached(path), "unet", aliases)
-            yield path.stem, bound.layers
+            yield Adapter(path.stem, scale), bound.layers
 
     def last_pass_of_batch(self) -> dict[int, RowComposer]:
         """The composer of each batch's last pass (its hires pass when there is one)."""
@@ -98,7 +119,6 @@ def start(
     stop()
     global _session
     _session = kind(settings, max_rows=max_rows, per_lora_text=per_lora_text)
-    p.extra_generation_params.update(settings.infotext())
     return _session
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from loratorio_core.lora import LoRAFileError, read_metadata, trigger_words
+from loratorio_core.lora import LoRAFileError, read_metadata, split_scale, trigger_words
 
 from . import pools
 
@@ -22,10 +22,16 @@ def refresh() -> list[str]:
 
 
 def describe(names: list[str]) -> str:
-    """Markdown: each chosen LoRA with its trigger words (from its training metadata)."""
+    """Markdown: each chosen LoRA (``name`` or ``name:scale``) with its trigger words (from its
+    training metadata)."""
     networks = sys.modules.get("networks")
     lines = []
-    for name in names:
+    for chosen in names:
+        try:
+            name, _ = split_scale(chosen)
+        except ValueError as error:
+            lines.append(f"- **{chosen}**: {error}")
+            continue
         entry = networks.available_networks.get(name) if networks is not None else None
         if entry is None:
             lines.append(f"- **{name}**: not in the LoRA list (refresh it)")
@@ -74,8 +80,14 @@ def build():
 
     with gr.Blocks(analytics_enabled=False) as tab:
         with gr.Row():
+            # A typed entry "name:0.7" gives that LoRA its scale in the pool (1.0 otherwise).
             chosen = gr.Dropdown(
-                choices=lora_names(), value=[], multiselect=True, label="LoRAs", elem_id="loratorio_tab_loras"
+                choices=lora_names(),
+                value=[],
+                multiselect=True,
+                allow_custom_value=True,
+                label="LoRAs (name or name:scale)",
+                elem_id="loratorio_tab_loras",
             )
             refresh_button = ToolButton(value="\U0001f504", elem_id="loratorio_tab_refresh")
         words = gr.Markdown(value="")

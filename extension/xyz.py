@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .args import MODE_LABELS
+from .args import MODE_LABELS, PATCH_CHOICES
 
 PREFIX = "[LoRAtorio] "
 
@@ -28,7 +28,8 @@ def register() -> bool:
         [
             xyz.AxisOption(PREFIX + "Enabled", str, _apply("enabled"), choices=lambda: ["True", "False"]),
             xyz.AxisOption(PREFIX + "Mode", str, _apply("mode"), choices=lambda: list(MODE_LABELS)),
-            xyz.AxisOption(PREFIX + "Patch size", int, _apply("patch_size")),
+            # "1/16, 1/8, 4": fractions of the latent's side and absolute sizes alike
+            xyz.AxisOption(PREFIX + "Patch size", str, _apply("patch_size"), choices=lambda: PATCH_CHOICES),
             xyz.AxisOption(PREFIX + "Temperature", float, _apply("temperature")),
             xyz.AxisOption(PREFIX + "Re-centering (lam)", float, _apply("recenter")),
             xyz.AxisOption(PREFIX + "Top-k", int, _apply("top_k")),

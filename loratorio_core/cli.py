@@ -9,14 +9,14 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import LoRAtorioConfig
+from .config import LoRAtorioConfig, format_patch, parse_patch
 from .generate import add_arguments, run_generate
 
 DEMO_LORAS = ("kiro", "checka", "pipa")  # a character, a background, an object
 
 
 def run_demo(
-    out: str = "loratorio_demo.png", patch_size: int = 1, temperature: float = 1.0, seeds: int = 4
+    out: str = "loratorio_demo.png", patch: str = "1/16", temperature: float = 1.0, seeds: int = 4
 ) -> str:
     """Compose three of the shipped synthetic LoRAs (a character, a background, an object) with
     base, merge, composite and LoRAtorio; write one picture (the first seed's images, then
@@ -24,7 +24,8 @@ def run_demo(
     from .synthetic import detectors, world
     from .synthetic.model import Job, load_model, sample
 
-    config = LoRAtorioConfig(patch_size=patch_size, temperature=temperature)
+    config = LoRAtorioConfig(**parse_patch(patch), temperature=temperature)
+    world_latent = (world.SIZE // 2, world.SIZE // 2)  # the model's latent: 2x2 pixel blocks
     started = time.perf_counter()
     model = load_model(loras=DEMO_LORAS)
     prompt = tuple(world.prompt_for(DEMO_LORAS))
@@ -52,7 +53,9 @@ def run_demo(
         [
             f"LoRAtorio demo: the synthetic model composing {', '.join(DEMO_LORAS)} "
             f"({', '.join(world.CONCEPT[n].description for n in DEMO_LORAS)}),",
-            f"prompt {' '.join(prompt)!r}, {seeds} seeds, patch {patch_size}, temperature {temperature:g}.",
+            f"prompt {' '.join(prompt)!r}, {seeds} seeds, patch {patch} "
+            f"({config.patch_size_for(world_latent)} of the {world_latent[0]}x{world_latent[1]} latent), "
+            f"temperature {temperature:g}.",
             "what the detectors found per method (images with the concept / images):",
             *lines,
             f"wrote {out} (top: the first seed per method; bottom: LoRAtorio's weight of each LoRA) "
@@ -95,7 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     demo.add_argument("--out", default="loratorio_demo.png", help="where to write the picture")
     demo.add_argument("--seeds", type=int, default=4, help="images per method")
-    demo.add_argument("--patch-size", type=int, default=1, help="latent pixels of the 16x16 latent")
+    demo.add_argument(
+        "--patch-size",
+        default=format_patch(LoRAtorioConfig()),
+        help="a fraction of the latent's side (1/16: 1 pixel of the demo's 16x16 latent) or latent pixels",
+    )
     demo.add_argument("--temperature", type=float, default=1.0)
     generate = sub.add_parser("generate", help="compose LoRAs on a diffusers SD/SDXL model and write a PNG")
     add_arguments(generate)

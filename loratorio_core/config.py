@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from fractions import Fraction
 from typing import Any
 
 MODES = ("loratorio", "composite", "switch", "merge")
@@ -19,7 +20,11 @@ class LoRAtorioConfig:
         ``composite`` (mean of every LoRA's cond and uncond, then CFG), ``switch`` (one LoRA a
         step, cycling every ``switch_every`` steps in prompt order), ``merge`` (every LoRA
         active at once on one model: what the WebUIs do by default).
-    patch_size: side d of the square latent patches the similarity is measured on.
+    patch_size: side d of the square latent patches the similarity is measured on, in latent
+        pixels whatever the latent's size; None (the default) takes ``patch_fraction`` of it.
+    patch_fraction: with patch_size None, d as a fraction of the latent's shorter side (rounded to
+        the nearest pixel, at least 1): 1/16 is d = 4 on SD1.5's 64x64 latent (512 px), 8 on
+        SDXL's 128x128 (1024 px), and each hires pass gets its own. ``patch_size_for`` resolves it.
     weighting: how divergences become patch weights (``weighting.patch_weights``): ``softmin``
         (the paper's: softmax of -similarity / tau, a tau in units of cosine similarity, whose
         useful range moves with the model and the step), or the scale-free rules ``spread``,
@@ -35,12 +40,13 @@ class LoRAtorioConfig:
 
     The paper does not publish d, tau, k or the upsampling mode. The defaults were chosen by the
     project's quality benchmark (``benchmarks/sweep.py``, dev half of the synthetic ComposLoRA): d = 1
-    of its 16x16 latent (1/16 of the side) was best, which is d = 4 on SD1.5's 64x64 latent;
+    of its 16x16 latent (1/16 of the side) was best, so the default is that fraction of any latent;
     tau = 1 beat 0.01-0.1 and 10 at every patch size; lam = 0.5 and 1 tied (lam 0 collapsed).
     """
 
     mode: str = "loratorio"
-    patch_size: int = 4
+    patch_size: int | None = None
+    patch_fraction: float = 1 / 16
     weighting: str = "softmin"
     temperature: float = 1.0
     recenter: float = 0.5
@@ -52,7 +58,13 @@ class LoRAtorioConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        _require_int("patch_size", self.patch_size, minimum=1)
+        if self.patch_size is not None:
+            _require_int("patch_size", self.patch_size, minimum=1)
+        if not _is_real(self.patch_fraction) or not (0 < self.patch_fraction <= 1):
+            raise ValueError(
+                f"patch_fraction must be a number in (0, 1], the patch side as a fraction of the "
+                f"latent's shorter side (e.g. 1/16); got {self.patch_fraction!r}"
+            )
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {self.weighting!r}")
         if not _is_real(self.temperature) or not (0 < self.temperature < math.inf):
@@ -71,6 +83,14 @@ class LoRAtorioConfig:
             raise ValueError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}; got {self.upsample!r}")
         _require_int("switch_every", self.switch_every, minimum=1)
 
+    def patch_size_for(self, size: tuple[int, int]) -> int:
+        """The patch side d in latent pixels for a latent of ``size`` (H, W): ``patch_size`` when
+        set, else ``patch_fraction`` of the shorter side rounded to the nearest pixel (halves up),
+        at least 1."""
+        if self.patch_size is not None:
+            return self.patch_size
+        return max(1, math.floor(min(size) * self.patch_fraction + 0.5))
+
     def replace(self, **changes: Any) -> LoRAtorioConfig:
         """A copy with some settings changed (validated like any new config)."""
         unknown = set(changes) - {f.name for f in fields(self)}
@@ -86,3 +106,37 @@ def _is_real(value: object) -> bool:
 def _require_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def parse_patch(value: object) -> dict[str, Any]:
+    """A patch-size setting as users write it -> the config's ``patch_size`` and ``patch_fraction``:
+    an absolute size in latent pixels (a whole number >= 1: 4, "4") or a fraction of the latent's
+    shorter side ("1/16", at most 1). ValueError with what to write otherwise."""
+    problem = (
+        "patch size must be an absolute size in latent pixels (a whole number >= 1, e.g. 4) or a "
+        f"fraction of the latent's shorter side (e.g. 1/16, at most 1); got {value!r}"
+    )
+    text = value.strip() if isinstance(value, str) else value
+    if isinstance(text, str) and "/" in text:
+        try:
+            fraction = Fraction(*(int(part) for part in text.split("/")))
+        except (ValueError, ZeroDivisionError, TypeError):
+            raise ValueError(problem) from None
+        if not 0 < fraction <= 1:
+            raise ValueError(problem)
+        return {"patch_size": None, "patch_fraction": float(fraction)}
+    try:
+        number = float(text) if isinstance(text, (str, int, float)) and not isinstance(text, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number) or number != int(number) or number < 1:
+        raise ValueError(problem)
+    return {"patch_size": int(number), "patch_fraction": LoRAtorioConfig.patch_fraction}
+
+
+def format_patch(config: LoRAtorioConfig) -> str:
+    """The patch-size setting of ``config`` as users write it: "4" (absolute) or "1/16"."""
+    if config.patch_size is not None:
+        return str(config.patch_size)
+    fraction = Fraction(config.patch_fraction).limit_denominator(1024)
+    return f"{fraction.numerator}/{fraction.denominator}"

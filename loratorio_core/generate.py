@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from .config import MODES, UPSAMPLE_MODES, LoRAtorioConfig
+from .config import MODES, UPSAMPLE_MODES, LoRAtorioConfig, format_patch, parse_patch
+from .infotext import KEPT, format_params, generation_params, kept_value
 from .lora.files import PICKLE_SUFFIXES
+from .lora.specs import split_scale
 
 
 class UsageError(ValueError):
@@ -28,15 +29,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE[:SCALE]",
         help="a LoRA .safetensors file and its scale (default 1.0); repeat for each LoRA",
     )
-    parser.add_argument("--pool", metavar="DIR", help="add every .safetensors LoRA in DIR (use with --top-k)")
-    parser.add_argument("--pool-scale", type=float, default=1.0, help="scale of the pool's LoRAs")
+    parser.add_argument(
+        "--pool",
+        metavar="ENTRY[,ENTRY...]",
+        help="LoRAs to choose from (use with --top-k): folders (every .safetensors LoRA in it) or files, "
+        "comma-separated, each with an optional :SCALE (default 1.0), e.g. loras/:0.8,extra.safetensors",
+    )
     parser.add_argument(
         "--top-k", type=int, help="dynamic selection: keep the K most relevant LoRAs per image"
     )
     parser.add_argument("--reselect-every", type=int, default=1, help="steps between top-k selections")
     parser.add_argument("--mode", choices=MODES, default="loratorio")
     defaults = LoRAtorioConfig()
-    parser.add_argument("--patch-size", type=int, default=defaults.patch_size)
+    parser.add_argument(
+        "--patch-size",
+        default=format_patch(defaults),
+        help="patch side: a fraction of the latent's shorter side (1/16, the default: 4 latent pixels at "
+        "512 px, 8 at 1024) or an absolute size in latent pixels (4)",
+    )
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument(
         "--recenter", type=float, default=defaults.recenter, help="lam of the re-centred uncond"
@@ -62,32 +72,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
 
-def parse_lora(spec: str) -> tuple[Path, float]:
+def parse_lora(spec: str, option: str = "--lora") -> tuple[Path, float]:
     """``FILE[:SCALE]`` -> (path, scale); also for Windows paths (``C:\\x.safetensors:0.8``)."""
-    path, scale = spec, 1.0
-    if ":" in spec:
-        head, tail = spec.rsplit(":", 1)
-        try:
-            scale = float(tail)
-            path = head
-        except ValueError:
-            if "/" not in tail and "\\" not in tail and "." not in tail:
-                raise UsageError(f"--lora {spec}: {tail!r} is not a scale (write FILE:0.8)") from None
-    if not math.isfinite(scale):
-        raise UsageError(f"--lora {spec}: the scale must be a finite number")
-    return Path(path), scale
+    try:
+        path, scale = split_scale(spec)
+    except ValueError as error:
+        raise UsageError(f"{option} {error}") from None
+    return Path(path), 1.0 if scale is None else scale
 
 
 def collect_loras(args) -> list[tuple[Path, float]]:
     loras = [parse_lora(spec) for spec in args.lora]
-    if args.pool:
-        pool = Path(args.pool)
-        if not pool.is_dir():
-            raise UsageError(f"--pool {pool}: no such folder")
-        files = sorted(pool.glob("*.safetensors"))
-        if not files:
-            raise UsageError(f"--pool {pool}: holds no .safetensors LoRA")
-        loras += [(f, args.pool_scale) for f in files]
+    for entry in (args.pool or "").split(","):
+        if not entry.strip():
+            continue
+        path, scale = parse_lora(entry, "--pool")
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise UsageError(f"--pool {path}: holds no .safetensors LoRA")
+            loras += [(f, scale) for f in files]
+        else:
+            loras.append((path, scale))
     for path, _ in loras:
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise UsageError(f"{path}: a pickle LoRA ({path.suffix}) can run code; use a .safetensors file")
@@ -100,7 +106,7 @@ def build_config(args) -> LoRAtorioConfig:
     try:
         return LoRAtorioConfig(
             mode=args.mode,
-            patch_size=args.patch_size,
+            **parse_patch(args.patch_size),
             temperature=args.temperature,
             recenter=args.recenter,
             top_k=args.top_k,
@@ -115,27 +121,24 @@ def build_config(args) -> LoRAtorioConfig:
 def infotext(
     args, config: LoRAtorioConfig, names: list[tuple[str, float]], scheduler: str, size, kept
 ) -> str:
-    """A1111-style parameters text, so WebUIs read the settings back."""
-    settings = [
-        f"Steps: {args.steps}",
-        f"Sampler: {scheduler}",
-        f"CFG scale: {args.guidance:g}",
-        f"Seed: {args.seed}",
-        f"Size: {size[1]}x{size[0]}",
-        f"Model: {Path(args.model).stem}",
-        f"LoRAtorio mode: {config.mode}",
-        f"LoRAtorio patch size: {config.patch_size}",
-        f"LoRAtorio temperature: {config.temperature:g}",
-        f"LoRAtorio recenter: {config.recenter:g}",
-    ]
-    if config.top_k is not None:
-        settings += [f"LoRAtorio top-k: {config.top_k}", f"LoRAtorio reselect every: {config.reselect_every}"]
+    """The parameters text A1111 writes, with LoRAtorio's settings by the one writer the WebUI
+    extension uses too (only when LoRAs were composed), so the WebUIs paste it back."""
+    params: dict[str, object] = {
+        "Steps": args.steps,
+        "Sampler": scheduler,
+        "CFG scale": f"{args.guidance:g}",
+        "Seed": args.seed,
+        "Size": f"{size[1]}x{size[0]}",
+        "Model": Path(args.model).stem,
+    }
+    if names:
+        params.update(generation_params(config, pool=args.pool or ""))
     if kept:
-        settings.append(f'LoRAtorio kept: "{", ".join(kept)}"')
+        params[KEPT] = kept_value(kept)
     lora_tags = " ".join(f"<lora:{name}:{scale:g}>" for name, scale in names)
     prompt = f"{args.prompt} {lora_tags}".strip()
     negative = f"\nNegative prompt: {args.negative}" if args.negative else ""
-    return f"{prompt}{negative}\n{', '.join(settings)}"
+    return f"{prompt}{negative}\n{format_params(params)}"
 
 
 def run_generate(args) -> list[Path]:
@@ -162,6 +165,8 @@ def run_generate(args) -> list[Path]:
     )
     for warning in composer.warnings:
         print(f"loratorio: warning: {warning}", file=sys.stderr)
+    if not composer.adapters:
+        print("loratorio: warning: nothing composed: no LoRA given (--lora, --pool)", file=sys.stderr)
     progress = _progress(args.steps, args.quiet)
     try:
         result = composer(

@@ -214,16 +214,15 @@ class RowComposer:
             return torch.stack(stored, dim=1)[used]
         # Cond rows of these images not seen yet this step: weigh by the uncond rows themselves.
         read = _Reader(plan_u, uncond_eps, plan_u.num_cond_entries)
-        similarity = patch_cosine_similarity(
-            read.stack(UNCOND, used), read.one(UNCOND, BASE), config.patch_size
-        )
+        patch_size = config.patch_size_for(read.size)
+        similarity = patch_cosine_similarity(read.stack(UNCOND, used), read.one(UNCOND, BASE), patch_size)
         weights = patch_weights(
             similarity,
             config.weighting,
             config.temperature,
             plan_u.kept[used] if plan_u.kept is not None else None,
         )
-        fallback = upsample_weights(weights, tuple(uncond_eps.shape[2:]), config.patch_size, config.upsample)
+        fallback = upsample_weights(weights, read.size, patch_size, config.upsample)
         return torch.stack(
             [w[used] if w is not None else fallback[:, j] for j, w in enumerate(stored)], dim=1
         )

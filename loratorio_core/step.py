@@ -305,7 +305,7 @@ class StepComposer:
             return CondResult(read.one(COND, plan.evaluated[0]), _one_hot(plan, read), None, None)
         if mode == "composite":
             n = len(plan.adapters)
-            grid = patch_grid(read.size, plan.config.patch_size)
+            grid = patch_grid(read.size, plan.config.patch_size_for(read.size))
             uniform = torch.full((n, plan.batch_size, *grid), 1.0 / n, device=predictions.device)
             return CondResult(_mean(read.stack(COND, range(n))), uniform, None, None)
         return _loratorio_cond(plan, read)
@@ -426,7 +426,8 @@ def _loratorio_cond(plan: StepPlan, read: _Reader) -> CondResult:
     used = list(plan.evaluated)
     base_cond = read.one(COND, BASE)
     lora_cond = read.stack(COND, used)
-    similarity = patch_cosine_similarity(lora_cond, base_cond, config.patch_size)
+    patch_size = config.patch_size_for(read.size)
+    similarity = patch_cosine_similarity(lora_cond, base_cond, patch_size)
     if plan.selecting:
         keep = select_top_k(similarity, config.top_k, None if plan.named is None else plan.named[used])
     elif plan.kept is not None and not bool(plan.kept[used].all()):
@@ -434,7 +435,7 @@ def _loratorio_cond(plan: StepPlan, read: _Reader) -> CondResult:
     else:
         keep = None
     weights = patch_weights(similarity, config.weighting, config.temperature, keep)
-    weights_up = upsample_weights(weights, read.size, config.patch_size, config.upsample)
+    weights_up = upsample_weights(weights, read.size, patch_size, config.upsample)
     cond = compose(lora_cond, weights_up)
 
     device = similarity.device
@@ -457,12 +458,12 @@ def _mean(stack: Tensor) -> Tensor:
 
 
 def _empty_weights(plan: StepPlan, read: _Reader) -> Tensor:
-    grid = patch_grid(read.size, plan.config.patch_size)
+    grid = patch_grid(read.size, plan.config.patch_size_for(read.size))
     return torch.zeros((0, plan.batch_size, *grid), device=read.predictions.device)
 
 
 def _one_hot(plan: StepPlan, read: _Reader) -> Tensor:
-    grid = patch_grid(read.size, plan.config.patch_size)
+    grid = patch_grid(read.size, plan.config.patch_size_for(read.size))
     weights = torch.zeros((len(plan.adapters), plan.batch_size, *grid), device=read.predictions.device)
     weights[plan.evaluated[0]] = 1.0
     return weights

@@ -296,14 +296,13 @@ def test_every_generation_mode_runs_composed_and_restored(webui, opts, kwargs):
     webui.shared.opts.data.update(opts)
     result, p = generate(webui, PROMPT, ON, **kwargs)
     webui.shared.opts.data["batch_cond_uncond"] = True
-    assert all(torch.isfinite(image).all() for image in result.images)
-    assert len(result.images) == kwargs.get("batch_size", 1) * kwargs.get("n_iter", 1)
+    images = result.images[result.index_of_first_image :]  # after A1111's grid, when there is one
+    assert all(torch.isfinite(image).all() for image in images)
+    assert len(images) == kwargs.get("batch_size", 1) * kwargs.get("n_iter", 1)
     assert "apply_model" not in webui.sd.__dict__
     if kwargs.get("batch_size") == 2 and "n_iter" not in kwargs:
         expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5}, batch=1)
-        torch.testing.assert_close(
-            result.images[0], expected[0], atol=2e-4, rtol=1e-4
-        )  # image 0: its own predictions
+        torch.testing.assert_close(images[0], expected[0], atol=2e-4, rtol=1e-4)  # its own predictions
 
 
 def test_separate_cond_and_uncond_calls_give_the_same_image(webui):
@@ -406,12 +405,28 @@ def test_settings_section_is_registered(webui):
 
 
 def test_show_weight_maps_adds_one_overlay_per_lora_and_image(webui):
+    maps_after_the_grid(webui, grid=False)
+
+
+def test_with_batch_2_the_weight_maps_follow_their_images_never_the_grid(webui):
+    maps_after_the_grid(webui, grid=True)
+
+
+def maps_after_the_grid(webui, grid: bool):
+    webui.shared.opts.data["return_grid"] = grid
     maps_on = list(ON)
     maps_on[8] = True
     result, _ = generate(webui, PROMPT, maps_on, batch_size=2)
-    assert len(result.images) == 2 + 2 * 2
-    assert result.infotexts[2:] == ["LoRAtorio weight map: l0", "LoRAtorio weight map: l1"] * 2
-    assert all(m.shape == (3, 64, 64) for m in result.images[2:])
+    webui.shared.opts.data["return_grid"] = True
+    first = result.index_of_first_image
+    assert first == (1 if grid else 0)
+    if grid:  # A1111 puts the grid of the two images first
+        assert result.images[0].shape == (4, 8, 16) and result.infotexts[0] == result.infotexts[1]
+    maps = result.images[first + 2 :]
+    assert len(maps) == 2 * 2  # one per LoRA and image
+    assert result.infotexts[first + 2 :] == ["LoRAtorio weight map: l0", "LoRAtorio weight map: l1"] * 2
+    assert all(m.shape == (3, 64, 64) for m in maps)  # over a 64x64 image, none over the 64x128 grid
+    assert not torch.equal(maps[0], maps[2])  # each image's own weights
 
 
 def fake_xyz():
@@ -490,7 +505,7 @@ def test_infotext_fields_paste_the_settings_back(webui):
     assert {k: v for k, v in pasted.items() if v is not None} == {
         "LoRAtorio": True,
         "Mode": "Switch",
-        "Patch size": 8,
+        "Patch size": "8",
         "Temperature": 0.2,
         "Re-centering (lam)": 0.75,
     }
@@ -508,19 +523,43 @@ def test_a_pool_without_prompt_tags_is_composed_keeping_the_top_k(webui, tmp_pat
     assert "apply_model" not in webui.sd.__dict__
 
 
-def test_pools_by_name_and_by_lora_names_and_a_clear_error_for_unknown_ones(webui, tmp_path, monkeypatch):
+def test_pools_by_name_and_by_lora_names_and_a_clear_error_for_unknown_ones(webui, tmp_path):
     from loratorio_extension import pools
 
-    monkeypatch.setattr(pools, "POOLS_FILE", tmp_path / "pools.json")
-    pools.save_pool("styles", ["l0", "l2"], tmp_path / "pools.json")
+    def resolved(pool):
+        return [(path.stem, scale) for path, scale in pools.resolve(pool, available, tmp_path / "pools.json")]
+
+    pools.save_pool("styles", ["l0", "l2:0.5"], tmp_path / "pools.json")
     available = webui.networks.available_network_aliases
-    assert [p.stem for p in pools.resolve("styles", available, tmp_path / "pools.json")] == ["l0", "l2"]
-    assert [p.stem for p in pools.resolve("l1, l2", available, tmp_path / "pools.json")] == ["l1", "l2"]
+    folder = webui.shared.cmd_opts.lora_dir
+    assert resolved("styles") == [("l0", 1.0), ("l2", 0.5)]
+    assert resolved("l1, l2") == [("l1", 1.0), ("l2", 1.0)]
+    assert resolved("l0:0.7, l1") == [("l0", 0.7), ("l1", 1.0)]  # an entry may carry its scale
+    assert resolved(f"{folder}:0.25") == [("l0", 0.25), ("l1", 0.25), ("l2", 0.25)]
     with pytest.raises(ValueError, match="no folder, named pool or LoRA called nope"):
-        pools.resolve("nope", available, tmp_path / "pools.json")
+        resolved("nope")
+    with pytest.raises(ValueError, match="LoRAtorio pool 'l0:abc': 'l0:abc': 'abc' is not a scale"):
+        resolved("l0:abc")
+    with pytest.raises(ValueError, match="'l0:x': 'x' is not a scale"):
+        pools.save_pool("bad", ["l0:x"], tmp_path / "pools.json")
     with pytest.raises(ValueError, match="LoRAtorio pool 'nope'"):
         generate(webui, "a cat", [True, "LoRAtorio", 2, 0.05, 0.5, "nope", 2])
     assert "apply_model" not in webui.sd.__dict__
+
+
+def test_pool_loras_are_composed_at_the_scale_their_entry_gives(webui, monkeypatch):
+    from loratorio_extension import session
+
+    composed = []
+    compose = session.Session.compose
+
+    def record(self, p, unet, adapters, layers):
+        composed.append([(a.name, a.scale) for a in adapters])
+        return compose(self, p, unet, adapters, layers)
+
+    monkeypatch.setattr(session.Session, "compose", record)
+    generate(webui, "a cat <lora:l2:0.6>", [True, "LoRAtorio", 2, 0.05, 0.5, "l0:0.7, l1, l2:0.1", 0])
+    assert composed == [[("l2", 0.6), ("l0", 0.7), ("l1", 1.0)]]  # the prompt's tag keeps its own
 
 
 def test_tooltips_cover_every_setting_of_the_accordion():
@@ -537,7 +576,6 @@ def test_the_tab_builds_names_pools_and_shows_trigger_words(webui, tmp_path, mon
     from loratorio_extension import pools, tab
     from modules import script_callbacks
 
-    monkeypatch.setattr(pools, "POOLS_FILE", tmp_path / "pools.json")
     folder = Path(webui.shared.cmd_opts.lora_dir)
     save_lora(
         folder / "tagged.safetensors",
@@ -557,6 +595,9 @@ def test_the_tab_builds_names_pools_and_shows_trigger_words(webui, tmp_path, mon
     assert "No pools yet" in tab.pool_table()
     assert tab.save("knights", ["tagged", "l0"]) == "- **knights**: tagged, l0"
     assert pools.read_pools() == {"knights": ["tagged", "l0"]}
+    assert tab.save("knights", ["tagged:0.7", "l0"]) == "- **knights**: tagged:0.7, l0"
+    assert tab.describe(["tagged:0.7"]) == "- **tagged**: knight, armor, sword"
+    assert tab.save("knights", ["l0:x"]) == "**'l0:x': 'x' is not a scale (write NAME:0.8)**"
     assert tab.save("knights", []).startswith("No pools yet")  # an empty choice deletes it
     assert tab.save("  ", ["l0"]) == "**a pool needs a name**"
     tabs = script_callbacks.ui_tabs_callback()
@@ -639,3 +680,118 @@ def test_older_a1111_without_the_sampling_hook_gives_the_same_image(webui, hires
 
 def _sampling_hook(self, p, **kwargs):
     self._run("process_before_every_sampling", p, **kwargs)
+
+
+def test_a_lycoris_norm_layer_leaves_its_lora_to_the_builtins_merge_with_one_console_line(webui, capsys):
+    """A1111's NetworkModuleNorm (w_norm/b_norm on a GroupNorm or LayerNorm) is no delta the per-row
+    runtime can add: that LoRA is merged by the built-in as without LoRAtorio, the others composed."""
+    import safetensors.torch
+
+    folder = Path(webui.shared.cmd_opts.lora_dir)
+    tensors = safetensors.torch.load_file(str(folder / "l0.safetensors"))
+    unet = webui.sd.model.diffusion_model
+    group_norm = unet.input_blocks[1][0].in_layers[0]
+    layer_norm = unet.input_blocks[1][1].transformer_blocks[0].norm1
+    assert isinstance(group_norm, nn.GroupNorm) and isinstance(layer_norm, nn.LayerNorm)
+    for key, norm in (
+        ("lora_unet_input_blocks_1_0_in_layers_0", group_norm),
+        ("lora_unet_input_blocks_1_1_transformer_blocks_0_norm1", layer_norm),
+    ):
+        tensors[f"{key}.w_norm"] = torch.full_like(norm.weight, 0.1)
+        tensors[f"{key}.b_norm"] = torch.full_like(norm.bias, 0.05)
+    safetensors.torch.save_file(tensors, str(folder / "normed.safetensors"))
+    webui.networks.list_available_networks()
+    group_before = (group_norm.weight.detach().clone(), group_norm.bias.detach().clone())
+    capsys.readouterr()
+
+    result, _ = generate(webui, "a cat <lora:normed:0.8> <lora:l1:1.0>", ON)
+
+    assert webui.errors.reported == [] and torch.isfinite(result.images[0]).all()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "normed" in line]
+    assert len(lines) == 1, lines
+    assert "Norm layer" in lines[0] and "merged as usual instead of composed" in lines[0]
+    # the built-in merged it (norm layers included), as it does without LoRAtorio
+    assert torch.allclose(group_norm.weight, group_before[0] + 0.08)
+    assert torch.allclose(group_norm.bias, group_before[1] + 0.04)
+    assert "LoRAtorio: True" in result.infotexts[0]  # l1 was composed
+    assert "apply_model" not in webui.sd.__dict__ and all(not m._forward_hooks for m in unet.modules())
+
+
+def test_when_nothing_is_composed_no_settings_are_recorded_and_the_user_is_told(webui, capsys):
+    """A tag the host cannot load leaves no LoRA to compose: the image is plain, so its infotext
+    must not claim a composition, and the console and the generation's warnings say why."""
+    prompt = "a cat <lora:ghost:1.0>"
+    result, p = generate(webui, prompt, ON)
+    plain, _ = generate(webui, prompt, with_script=False)
+    assert torch.equal(result.images[0], plain.images[0])
+    assert "LoRAtorio" not in result.infotexts[0]
+    assert result.infotexts == plain.infotexts
+    said = [line for line in capsys.readouterr().err.splitlines() if "nothing composed" in line]
+    assert len(said) == 1 and "made without LoRAtorio" in said[0]
+    assert result.comments.startswith("LoRAtorio: nothing composed")  # shown under the image
+
+
+def test_the_per_lora_text_encoder_setting_names_no_single_host():
+    from extension import options
+
+    label = options.OPTIONS["loratorio_text_encoders"][1]
+    assert "per LoRA" in label and "A1111" not in label  # it works in A1111 and both Forges
+
+
+@pytest.mark.parametrize(
+    "patch, grids", [("1/4", [(4, 4), (4, 4)]), ("2", [(4, 4), (8, 8)])], ids=["fraction", "absolute"]
+)
+def test_a_fractional_patch_size_resolves_per_pass_and_an_absolute_one_does_not(
+    webui, monkeypatch, patch, grids
+):
+    """64 px -> an 8x8 latent, hires 2x -> 16x16: 1/4 of the side is 2 then 4 latent pixels (a 4x4
+    patch grid in both passes), an absolute 2 stays 2 (a finer 8x8 grid in the hires pass)."""
+    from loratorio_extension import session
+
+    composers = []
+    compose = session.Session.compose
+
+    def keep(self, p, unet, adapters, layers):
+        compose(self, p, unet, adapters, layers)
+        composers.append(self.rows)
+
+    monkeypatch.setattr(session.Session, "compose", keep)
+    args = [True, "LoRAtorio", patch, 0.05, 0.5, "", 0, 1, True]  # maps on: the weights are recorded
+    result, _ = generate(webui, PROMPT, args, enable_hr=True)
+    assert [tuple(next(iter(rows.weights.values()))[0].shape[1:]) for rows in composers] == grids
+    assert f"LoRAtorio patch size: {patch}" in result.infotexts[0]
+
+
+def test_the_xyz_patch_size_axis_takes_fractions_and_absolute_sizes(webui):
+    import copy as copy_
+
+    from modules import processing, scripts
+
+    xyz = fake_xyz()
+    from loratorio_extension import xyz as ours
+
+    ours.register()
+    axis = next(o for o in xyz.axis_options if o.label == "[LoRAtorio] Patch size")
+    assert axis.type is str and {"1/16", "1/8", "4"} <= set(axis.choices())
+    runner = scripts.ScriptRunner([webui.script_class()])
+    for value in ("1/4", "2"):
+        p = processing.StableDiffusionProcessingTxt2Img(
+            prompt=PROMPT,
+            negative_prompt="blurry",
+            steps=4,
+            width=64,
+            height=64,
+            cfg_scale=6.0,
+            scripts=runner,
+            script_args=runner.default_args(),
+        )
+        cell = copy_.copy(p)
+        axis.apply(cell, value, None)
+        plotted = processing.process_images(cell)
+        direct, _ = generate(webui, PROMPT, [True, "LoRAtorio", value] + runner.default_args()[3:])
+        assert torch.equal(plotted.images[0], direct.images[0]), value
+    # on the 8x8 latent 1/4 is 2 latent pixels: the same image as an absolute 2
+    assert torch.equal(
+        generate(webui, PROMPT, [True, "LoRAtorio", "1/4"])[0].images[0],
+        generate(webui, PROMPT, [True, "LoRAtorio", 2])[0].images[0],
+    )

@@ -127,3 +127,12 @@ def test_text_encoder_components_bind_to_their_own_models(tmp_path):
     bound = bind_lora(encoder, lora, "te1")
     assert [name.split("layers.")[1] for name in bound.layers] == ["1.self_attn.q_proj"]
     assert bind_lora(encoder, lora, "te2").layers == {}
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(4, 8), nn.LayerNorm(8)], ids=["GroupNorm", "LayerNorm"])
+def test_a_dense_update_of_a_norm_layer_does_not_fit_the_per_row_runtime(norm):
+    from loratorio_core.lora.binding import layer_mismatch
+
+    update = LayerUpdate(dense=torch.full((8,), 0.1), dense_bias=torch.full((8,), 0.05))
+    problem = layer_mismatch(norm, update)
+    assert problem == f"it is a {type(norm).__name__} layer, which the per-row runtime cannot apply"

@@ -212,7 +212,7 @@ def test_every_mode_and_dynamic_selection_run_through_the_same_path(sd, tmp_path
     # selection steps evaluate the pool; between them, the LoRAs some sample kept
     kept_by_any = int(result.kept[0].any(1).sum())
     assert result.rows == [6, 2 + kept_by_any, 6, 2 + int(result.kept[2].any(1).sum())]
-    assert result.weights[0].shape == (4, 2, 2, 2)
+    assert result.weights[0].shape == (4, 2, 8, 8)  # the default patch: 1/16 of the 8x8 latent is 1
 
 
 def test_an_interrupt_mid_generation_leaves_the_pipeline_as_it_was(sd, tmp_path):

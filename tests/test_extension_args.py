@@ -25,13 +25,13 @@ def test_the_argument_order_is_the_documented_public_contract():
 def test_missing_trailing_arguments_take_their_defaults():
     assert parse_args([]) == Settings()
     settings = parse_args([True, "Composite", 2])
-    assert settings.enabled and settings.mode == "Composite" and settings.patch_size == 2
+    assert settings.enabled and settings.mode == "Composite" and settings.patch_size == "2"
     assert settings.temperature == Settings().temperature
 
 
 def test_api_values_are_coerced_from_json_types():
     settings = parse_args([1, "LoRAtorio", 4.0, "0.02", 1, " styles ", "3", 2, "false"])
-    assert settings == Settings(True, "LoRAtorio", 4, 0.02, 1.0, "styles", 3, 2, False)
+    assert settings == Settings(True, "LoRAtorio", "4", 0.02, 1.0, "styles", 3, 2, False)
 
 
 @pytest.mark.parametrize(
@@ -40,6 +40,9 @@ def test_api_values_are_coerced_from_json_types():
         ([True, "Blend"], "mode"),
         ([True, "LoRAtorio", 2.5], "patch_size"),
         ([True, "LoRAtorio", 0], "patch_size"),
+        ([True, "LoRAtorio", "1/0"], "patch_size"),
+        ([True, "LoRAtorio", "2/1"], "patch_size"),
+        ([True, "LoRAtorio", "big"], "patch_size.*fraction of the latent's shorter side"),
         ([True, "LoRAtorio", 4, "hot"], "temperature"),
         ([True, "LoRAtorio", 4, -1.0], "temperature"),
         ([True, "LoRAtorio", 4, math.nan], "temperature"),
@@ -71,17 +74,53 @@ def test_config_follows_the_settings_and_a_large_top_k_keeps_every_lora():
 
 
 def test_infotext_round_trips_through_paste():
-    settings = parse_args([True, "Switch", 8, 0.2, 0.75, "faces", 2, 3, True])
+    settings = parse_args([True, "LoRAtorio", "1/8", 0.2, 0.75, "faces", 2, 3, True])
     params = {key: str(value) for key, value in settings.infotext().items()}
-    assert params["LoRAtorio"] == "True" and params["LoRAtorio mode"] == "Switch"
+    assert params["LoRAtorio"] == "True" and params["LoRAtorio mode"] == "LoRAtorio"
     pasted = from_infotext(params)
     restored = Settings(**{**Settings().__dict__, **pasted})
     assert restored == Settings(
-        True, "Switch", 8, 0.2, 0.75, "faces", 2, 3, False
+        True, "LoRAtorio", "1/8", 0.2, 0.75, "faces", 2, 3, False
     )  # maps are not an infotext setting
-    assert Settings().infotext() == {} and from_infotext({"Steps": "20"}) == {}
+    assert from_infotext({"Steps": "20"}) == {}
+
+
+def test_a_baseline_records_no_top_k_since_it_selects_nothing():
+    params = parse_args([True, "Switch", 8, 0.2, 0.75, "", 2, 3]).infotext()
+    assert params["LoRAtorio mode"] == "Switch" and "LoRAtorio top-k" not in params
 
 
 def test_every_infotext_key_is_unique_and_prefixed():
     keys = [arg.infotext for arg in ARGS if arg.infotext]
     assert len(keys) == len(set(keys)) and all(k.startswith("LoRAtorio") for k in keys)
+
+
+@pytest.mark.parametrize(
+    "value, patch_size, fraction",
+    [
+        (4, 4, 1 / 16),  # what every API call before fractions sent: absolute, as it was
+        (4.0, 4, 1 / 16),
+        ("4", 4, 1 / 16),
+        ("1/16", None, 1 / 16),
+        (" 1/8 ", None, 1 / 8),
+        ("1/1", None, 1.0),
+    ],
+)
+def test_the_patch_size_argument_takes_an_absolute_size_or_a_fraction(value, patch_size, fraction):
+    config = parse_args([True, "LoRAtorio", value]).config()
+    assert (config.patch_size, config.patch_fraction) == (patch_size, fraction)
+
+
+def test_the_default_patch_size_is_a_sixteenth_of_the_latent():
+    assert Settings().patch_size == "1/16" and parse_args([True]).config().patch_size_for((64, 64)) == 4
+
+
+@pytest.mark.parametrize(
+    "written, pasted", [("4", "4"), ("1/16", "1/16"), ("8", "8")], ids=["old-absolute", "fraction", "int"]
+)
+def test_patch_sizes_paste_back_from_old_and_new_infotexts(written, pasted):
+    params = {"LoRAtorio": "True", "LoRAtorio patch size": written}
+    assert from_infotext(params)["patch_size"] == pasted
+    config = Settings(**{**Settings().__dict__, **from_infotext(params)}).config()
+    assert config.patch_size_for((128, 128)) == (8 if written == "1/16" else int(written))
+    assert parse_args([True, "LoRAtorio", pasted]).infotext()["LoRAtorio patch size"] == written

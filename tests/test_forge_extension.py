@@ -384,3 +384,13 @@ def test_the_webui_conventions_hold_on_forge_as_on_a1111(forge, name):
         pytest.skip("host-independent script code: checked on the new Forge")
 
     getattr(test_a1111_extension, name)(forge)
+
+
+def test_when_nothing_is_composed_no_settings_are_recorded_and_the_user_is_told(forge, capsys):
+    prompt = "a cat <lora:ghost:1.0>"  # a LoRA Forge cannot load: nothing to compose
+    result, _ = generate(forge, prompt, ON)
+    plain, _ = generate(forge, prompt, with_script=False)
+    assert torch.equal(result.images[0], plain.images[0])
+    assert "LoRAtorio" not in result.infotexts[0] and result.infotexts == plain.infotexts
+    said = [line for line in capsys.readouterr().err.splitlines() if "nothing composed" in line]
+    assert len(said) == 1 and result.comments.startswith("LoRAtorio: nothing composed")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from PIL import Image
 from loratorio_core.cli import main
 from loratorio_core.generate import parse_lora
 
+from test_a1111_extension import webui  # noqa: F401 - the fake A1111 with the extension loaded
 from test_diffusers_integration import random_lora
 from tiny_pipes import tiny_sd, tiny_sdxl
 
@@ -63,9 +65,12 @@ def test_generate_writes_the_png_with_its_settings_and_the_weight_maps(model_fol
     assert image.size == (16, 16)
     parameters = image.text["parameters"]
     assert parameters.startswith("a knight <lora:lora0:0.8> <lora:lora1:1>\nNegative prompt: blurry\n")
-    assert "Steps: 3" in parameters and "Seed: 7" in parameters and "LoRAtorio mode: loratorio" in parameters
+    assert "Steps: 3" in parameters and "Seed: 7" in parameters
+    assert "LoRAtorio: True, LoRAtorio mode: LoRAtorio" in parameters
     settings = json.loads(image.text["loratorio"])
-    assert settings["loras"] == [["lora0", 0.8], ["lora1", 1.0]] and settings["config"]["patch_size"] == 4
+    assert settings["loras"] == [["lora0", 0.8], ["lora1", 1.0]]
+    assert settings["config"]["patch_size"] is None and settings["config"]["patch_fraction"] == 1 / 16
+    assert "LoRAtorio patch size: 1/16" in parameters
     maps = Image.open(out.with_name("knight_maps.png"))
     assert maps.width == 4 * 160 and maps.height == 2 * (160 + 14)  # the result + 3 steps, 2 LoRAs
 
@@ -82,9 +87,11 @@ def test_generate_with_a_pool_records_the_kept_loras_per_image(model_folder, tmp
         "-p",
         "a knight",
         "--pool",
-        pool,
+        f"{pool}:0.5,{model_folder / 'lora2.safetensors'}:0.7",  # a folder and a file, each its scale
         "--top-k",
         2,
+        "--patch-size",
+        4,  # absolute latent pixels
         "--steps",
         2,
         "--width",
@@ -101,7 +108,10 @@ def test_generate_with_a_pool_records_the_kept_loras_per_image(model_folder, tmp
     files = stdout.split()
     assert files == [str(tmp_path / "pool-0.png"), str(tmp_path / "pool-1.png")]
     for file in files:
-        kept = Image.open(file).text["parameters"].split('LoRAtorio kept: "')[1].split('"')[0]
+        parameters = Image.open(file).text["parameters"]
+        assert parameters.startswith("a knight <lora:p0:0.5> <lora:p1:0.5> <lora:p2:0.5> <lora:lora2:0.7>\n")
+        assert "LoRAtorio patch size: 4," in parameters
+        kept = parameters.split('LoRAtorio kept: "')[1].split('"')[0]
         assert len(kept.split(", ")) == 2
 
 
@@ -112,6 +122,10 @@ def test_generate_with_a_pool_records_the_kept_loras_per_image(model_folder, tmp
         (["--lora", "style.ckpt"], "pickle LoRA"),
         (["--lora", "{lora}:abc"], "is not a scale"),
         (["--lora", "{lora}:nan"], "finite"),
+        (["--pool", "{lora}:abc"], "--pool '"),
+        (["--patch-size", "0"], "patch size must be an absolute size in latent pixels"),
+        (["--patch-size", "1/0"], "or a fraction of the latent's shorter side (e.g. 1/16"),
+        (["--pool", "{lora}:1,nowhere.safetensors"], "nowhere.safetensors: no such LoRA file"),
         (["--temperature", "0"], "temperature"),
         (["--top-k", "3", "--lora", "{lora}"], "--top-k 3 is more than the 1 LoRAs"),
         (["--lora", "{xl}"], "xl.safetensors"),
@@ -171,3 +185,46 @@ def test_a_single_file_checkpoint_that_cannot_load_is_one_clear_line(tmp_path, c
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "cannot be loaded as a diffusers SD/SDXL pipeline" in lines[0]
+
+
+def parse_generation_parameters(text: str) -> dict[str, str]:
+    """The parameters line as A1111's parse_generation_parameters reads it: ``key: value`` pairs, a
+    JSON-quoted value unquoted."""
+    line = text.strip().splitlines()[-1]
+    found = re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', line)
+    return {key: json.loads(value) if value.startswith('"') else value for key, value in found}
+
+
+def test_a_cli_picture_pastes_its_settings_into_the_webui_extensions_fields(
+    model_folder,
+    tmp_path,
+    capsys,
+    webui,  # noqa: F811
+):
+    from modules import scripts
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(3):
+        (pool / f"p{i}.safetensors").write_bytes((model_folder / f"lora{i}.safetensors").read_bytes())
+    out = tmp_path / "knight.png"
+    code, _, err = run(
+        capsys,
+        *(model_folder / "sd", "-p", "a knight", "--pool", pool, "--top-k", 2, "--reselect-every", 3),
+        *("--patch-size", "1/8", "--temperature", 0.2, "--recenter", 0.75, "--steps", 2),
+        *("--width", 16, "--height", 16, "--output", out, "--quiet"),
+    )
+    assert code == 0, err
+    params = parse_generation_parameters(Image.open(out).text["parameters"])
+    runner = scripts.ScriptRunner([webui.script_class()])
+    pasted = {component.label: paste(params) for component, paste in runner.infotext_fields}
+    assert {label: value for label, value in pasted.items() if value is not None} == {
+        "LoRAtorio": True,
+        "Mode": "LoRAtorio",
+        "Patch size": "1/8",
+        "Temperature": 0.2,
+        "Re-centering (lam)": 0.75,
+        "Pool (folder or named pool)": str(pool),
+        "Top-k (0: all)": 2,
+        "Reselect every": 3,
+    }

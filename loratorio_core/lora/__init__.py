@@ -14,6 +14,7 @@ from .files import (
 )
 from .keymap import layer_aliases
 from .runtime import LoRARuntime, evaluate_entries
+from .specs import split_scale
 
 __all__ = [
     "BoundLoRA",
@@ -29,6 +30,7 @@ __all__ = [
     "read_metadata",
     "read_safetensors",
     "save_lora",
+    "split_scale",
     "tag_frequencies",
     "trigger_words",
 ]

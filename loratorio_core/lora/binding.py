@@ -73,6 +73,10 @@ def bind_lora(
 
 def layer_mismatch(module: nn.Module, update: LayerUpdate) -> str | None:
     """Why ``update`` cannot apply to ``module``, or None when it fits."""
+    if not (is_linear(module) or isinstance(module, nn.Conv2d)):
+        # The runtime adds a Linear/conv delta to a layer's output; a norm layer's change (LyCORIS
+        # w_norm/b_norm) is no such delta, so it must be left to a merge.
+        return f"it is a {type(module).__name__} layer, which the per-row runtime cannot apply"
     weight = module.weight
     if update.is_dense:
         if update.dense.numel() != weight.numel():
@@ -90,20 +94,18 @@ def layer_mismatch(module: nn.Module, update: LayerUpdate) -> str | None:
         if down.flatten(1).shape[1] != weight.shape[1] or update.mid is not None:
             return f"down {tuple(down.shape)} does not take the layer's {weight.shape[1]} inputs"
         return None
-    if isinstance(module, nn.Conv2d):
-        kernel = tuple(module.kernel_size)
-        if module.groups > 1:
-            if update.mid is not None or up.shape[0] * down.flatten(1).shape[1] != weight.numel():
-                return f"down {tuple(down.shape)} does not fit the grouped weight {tuple(weight.shape)}"
-            return None
-        down_kernel = tuple(down.shape[2:]) if down.dim() == 4 else (1, 1)
-        expected = (1, 1) if update.mid is not None else kernel
-        if down.shape[1] != module.in_channels or down_kernel != expected:
-            return f"down {tuple(down.shape)} does not fit the layer's weight {tuple(weight.shape)}"
-        if update.mid is not None and tuple(update.mid.shape[2:]) != kernel:
-            return f"lora_mid kernel {tuple(update.mid.shape[2:])} differs from the layer's {kernel}"
+    kernel = tuple(module.kernel_size)  # a Conv2d from here on
+    if module.groups > 1:
+        if update.mid is not None or up.shape[0] * down.flatten(1).shape[1] != weight.numel():
+            return f"down {tuple(down.shape)} does not fit the grouped weight {tuple(weight.shape)}"
         return None
-    return f"{type(module).__name__} layers take no LoRA"
+    down_kernel = tuple(down.shape[2:]) if down.dim() == 4 else (1, 1)
+    expected = (1, 1) if update.mid is not None else kernel
+    if down.shape[1] != module.in_channels or down_kernel != expected:
+        return f"down {tuple(down.shape)} does not fit the layer's weight {tuple(weight.shape)}"
+    if update.mid is not None and tuple(update.mid.shape[2:]) != kernel:
+        return f"lora_mid kernel {tuple(update.mid.shape[2:])} differs from the layer's {kernel}"
+    return None
 
 
 def _made_for(lora: LoRAFile, model: nn.Module) -> str:

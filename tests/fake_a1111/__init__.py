@@ -14,7 +14,16 @@ from types import SimpleNamespace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _PATHS = [HERE, os.path.join(HERE, "lora_builtin")]
-_MODULES = ("modules", "gradio", "networks", "network", "network_lora", "lora_patches", "extra_networks_lora")
+_MODULES = (
+    "modules",
+    "gradio",
+    "networks",
+    "network",
+    "network_lora",
+    "network_norm",
+    "lora_patches",
+    "extra_networks_lora",
+)
 
 
 def _purge():
@@ -35,11 +44,13 @@ def install(sd_model, lora_dir):
     import extra_networks_lora
     import lora_patches
     import networks
-    from modules import errors, extra_networks, shared
+    from modules import errors, extra_networks, paths_internal, shared
 
     errors.reported.clear()
     shared.sd_model = sd_model
     shared.cmd_opts.lora_dir = str(lora_dir)
+    # the WebUI's data folder holds models/Lora; here the test's folder holding the LoRA folder
+    paths_internal.data_path = os.path.dirname(os.path.abspath(lora_dir))
     shared.state.interrupted = shared.state.skipped = False
     networks.originals = lora_patches.LoraPatches()
     networks.assign_network_names_to_compvis_modules(sd_model)

@@ -48,7 +48,7 @@ def install(lora_dir, old=False, **model_kwargs):
     import extra_networks_lora
     import networks
     from backend import memory_management
-    from modules import errors, extra_networks, processing, script_callbacks, shared
+    from modules import errors, extra_networks, paths_internal, processing, script_callbacks, shared
 
     from fake_forge.model import FakeForgeSD
 
@@ -66,6 +66,8 @@ def install(lora_dir, old=False, **model_kwargs):
     memory_management.unload_all_models()
     shared.sd_model = sd_model
     shared.cmd_opts.lora_dir = str(lora_dir)
+    # the WebUI's data folder holds models/Lora; here the test's folder holding the LoRA folder
+    paths_internal.data_path = os.path.dirname(os.path.abspath(lora_dir))
     shared.state.interrupted = shared.state.skipped = False
     networks.list_available_networks()
     networks.load_lora_state_dict.cache_clear()

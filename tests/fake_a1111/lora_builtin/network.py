@@ -24,6 +24,11 @@ class Network:
         self.mentioned_name = None
 
 
+class ModuleType:
+    def create_module(self, net, weights):
+        return None
+
+
 class NetworkModule:
     def __init__(self, net, weights):
         self.network, self.network_key, self.sd_key, self.sd_module = (
@@ -51,6 +56,10 @@ class NetworkModule:
             return self.alpha / self.dim
         return 1.0
 
-    def finalize_updown(self, updown, orig_weight, output_shape):
-        updown = updown.reshape(output_shape) * self.calc_scale()
-        return updown * self.multiplier(), None
+    def finalize_updown(self, updown, orig_weight, output_shape, ex_bias=None):
+        updown = updown.reshape(output_shape)
+        if orig_weight.size().numel() == updown.size().numel():
+            updown = updown.reshape(orig_weight.shape)
+        if ex_bias is not None:
+            ex_bias = ex_bias * self.multiplier()
+        return updown * self.calc_scale() * self.multiplier(), ex_bias

@@ -4,6 +4,13 @@ import network
 import torch
 
 
+class ModuleTypeLora(network.ModuleType):
+    def create_module(self, net, weights):
+        if all(x in weights.w for x in ["lora_up.weight", "lora_down.weight"]):
+            return NetworkModuleLora(net, weights)
+        return None
+
+
 class NetworkModuleLora(network.NetworkModule):
     def __init__(self, net, weights):
         super().__init__(net, weights)

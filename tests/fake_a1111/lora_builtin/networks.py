@@ -5,12 +5,14 @@ from collections import namedtuple
 
 import network
 import network_lora
+import network_norm
 import safetensors.torch
 import torch
 from modules import shared
 
 NetworkWeights = namedtuple("NetworkWeights", ["network_key", "sd_key", "w", "sd_module"])
 
+module_types = [network_lora.ModuleTypeLora(), network_norm.ModuleTypeNorm()]
 originals = None
 available_networks = {}
 available_network_aliases = {}
@@ -70,7 +72,11 @@ def load_network(name, network_on_disk):
             sd_key, NetworkWeights(network_key=key, sd_key=sd_key, w={}, sd_module=sd_module)
         ).w[part] = weight
     for sd_key, weights in matched.items():
-        net.modules[sd_key] = network_lora.NetworkModuleLora(net, weights)
+        for module_type in module_types:  # as A1111: the first type that takes the layer's tensors
+            module = module_type.create_module(net, weights)
+            if module is not None:
+                net.modules[sd_key] = module
+                break
     return net
 
 
@@ -92,9 +98,12 @@ def load_networks(names, te_multipliers=None, unet_multipliers=None, dyn_dims=No
 
 def network_restore_weights_from_backup(self):
     backup = getattr(self, "network_weights_backup", None)
-    if backup is not None:
-        with torch.no_grad():
+    bias_backup = getattr(self, "network_bias_backup", None)
+    with torch.no_grad():
+        if backup is not None:
             self.weight.copy_(backup)
+        if bias_backup is not None:
+            self.bias.copy_(bias_backup)
 
 
 def network_apply_weights(self):
@@ -105,14 +114,18 @@ def network_apply_weights(self):
     wanted = tuple((x.name, x.te_multiplier, x.unet_multiplier, x.dyn_dim) for x in loaded_networks)
     if getattr(self, "network_weights_backup", None) is None and wanted != ():
         self.network_weights_backup = self.weight.detach().to("cpu", copy=True)
+        bias = getattr(self, "bias", None)
+        self.network_bias_backup = None if bias is None else bias.detach().to("cpu", copy=True)
     if current != wanted:
         network_restore_weights_from_backup(self)
         for net in loaded_networks:
             module = net.modules.get(name)
             if module is not None:
                 with torch.no_grad():
-                    updown, _ = module.calc_updown(self.weight)
+                    updown, ex_bias = module.calc_updown(self.weight)
                     self.weight += updown.to(self.weight.dtype)
+                    if ex_bias is not None and getattr(self, "bias", None) is not None:
+                        self.bias += ex_bias.to(self.bias.dtype)
         self.network_current_names = wanted
 
 
@@ -124,3 +137,13 @@ def network_Linear_forward(self, input):
 def network_Conv2d_forward(self, input):
     network_apply_weights(self)
     return originals.Conv2d_forward(self, input)
+
+
+def network_GroupNorm_forward(self, input):
+    network_apply_weights(self)
+    return originals.GroupNorm_forward(self, input)
+
+
+def network_LayerNorm_forward(self, input):
+    network_apply_weights(self)
+    return originals.LayerNorm_forward(self, input)

@@ -1,4 +1,7 @@
-"""modules.processing: the per-batch order of hooks, extra networks, conds, sampling, hires, infotext."""
+"""modules.processing: the per-batch order of hooks, extra networks, conds, sampling, hires, infotext,
+and the grid A1111 puts before the images."""
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -6,9 +9,11 @@ from modules import extra_networks, prompt_parser, sd_samplers_kdiffusion, share
 
 
 class Processed:
-    def __init__(self, p, images, infotexts):
+    def __init__(self, p, images, infotexts, index_of_first_image=0):
         self.images, self.infotexts = images, infotexts
         self.extra_generation_params = p.extra_generation_params
+        self.index_of_first_image = index_of_first_image
+        self.comments = "".join(f"{comment}\n" for comment in p.comments)
 
 
 class StableDiffusionProcessing:
@@ -43,6 +48,11 @@ class StableDiffusionProcessing:
         self.prompts = self.negative_prompts = self.seeds = None
         self.extra_network_data = None
         self.sampler = None
+        self.do_not_save_grid = False
+        self.comments = {}
+
+    def comment(self, text):
+        self.comments[text] = 1
 
     def setup_prompts(self):
         prompts = (
@@ -209,6 +219,32 @@ def process_images(p):
                 infotexts.append(create_infotext(p, n * p.batch_size + i))
     if not p.disable_extra_networks and p.extra_network_data:
         extra_networks.deactivate(p, p.extra_network_data)
-    res = Processed(p, images, infotexts)
+    res = processed_with_grid(p, images, infotexts)
     p.scripts.postprocess(p, res)
     return res
+
+
+def processed_with_grid(p, images, infotexts):
+    """As the end of process_images_inner: with "return grid" on (A1111's default) and more than one
+    image, the grid goes first, with its own infotext, and index_of_first_image says so."""
+    opts = shared.opts
+    index_of_first_image = 0
+    unwanted = len(images) < 2 and opts.grid_only_if_multiple
+    if opts.return_grid and not p.do_not_save_grid and not unwanted:
+        infotexts.insert(0, create_infotext(p, 0))
+        images.insert(0, image_grid(images, p.batch_size))
+        index_of_first_image = 1
+    return Processed(p, images, infotexts, index_of_first_image=index_of_first_image)
+
+
+def image_grid(imgs, batch_size):
+    """modules.images.image_grid with n_rows -1 (the default): round(sqrt(n)) rows, the images
+    (latents here) tiled row by row."""
+    rows = min(round(math.sqrt(len(imgs))), len(imgs))
+    cols = math.ceil(len(imgs) / rows)
+    channels, height, width = imgs[0].shape
+    grid = imgs[0].new_zeros((channels, rows * height, cols * width))
+    for i, img in enumerate(imgs):
+        row, col = divmod(i, cols)
+        grid[:, row * height : (row + 1) * height, col * width : (col + 1) * width] = img
+    return grid

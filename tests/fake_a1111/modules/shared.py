@@ -75,7 +75,14 @@ class State:
 
 
 opts = Options()
-opts.data.update(batch_cond_uncond=True, lora_functional=False, skip_early_cond=0.0, s_min_uncond=0.0)
+opts.data.update(
+    batch_cond_uncond=True,
+    lora_functional=False,
+    skip_early_cond=0.0,
+    s_min_uncond=0.0,
+    return_grid=True,
+    grid_only_if_multiple=True,
+)
 options_templates = opts.data_labels
 state = State()
 sd_model = None
