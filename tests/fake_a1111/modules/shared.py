@@ -75,7 +75,15 @@ class State:
 
 
 opts = Options()
-opts.data.update(batch_cond_uncond=True, lora_functional=False, skip_early_cond=0.0, s_min_uncond=0.0)
+opts.data.update(
+    batch_cond_uncond=True,
+    lora_functional=False,
+    skip_early_cond=0.0,
+    s_min_uncond=0.0,
+    s_min_uncond_all=False,
+    pad_cond_uncond=False,
+    pad_cond_uncond_v0=False,
+)
 options_templates = opts.data_labels
 state = State()
 sd_model = None
