@@ -36,7 +36,7 @@ class Layout:
     labels: list[RowLabel]
     step: int
     cursor: int = 0
-    text: dict | None = None  # per-LoRA text: adapter index (None: base) -> this step's rows, in order
+    text: dict | None = None  # per-LoRA text: adapter index (None: base) -> this step's (cond, uncond) rows
 
 
 @dataclass
@@ -58,6 +58,9 @@ class A1111Session(Session):
         self.end_pass()
         if self.error is not None:
             self._wrap(p.sd_model)  # the first UNet call raises the error: a clear failure, not a silent one
+            return
+        if _edit_model(p):
+            self._refuse_edit_model(p)
             return
         networks = sys.modules.get("networks")
         if networks is None:
@@ -97,6 +100,19 @@ class A1111Session(Session):
         v_model = getattr(sd_model, "parameterization", "eps") == "v"
         self.conversions = _v_conversions(sd_model.alphas_cumprod) if v_model else (None, None)
         self._wrap(sd_model)
+
+    def _refuse_edit_model(self, p) -> None:
+        """Instruct-pix2pix with an Image CFG scale: A1111 adds a third branch (uncond text, no image)
+        whose re-centring the method does not define. Left to A1111 as if LoRAtorio were off (the
+        built-in merges the LoRAs), so a generation the user (or auto-compose) turned it on for
+        still runs; the console says why and how to compose, the infotext does not claim it."""
+        self.warn(
+            f"instruct-pix2pix (edit) model with Image CFG scale {p.image_cfg_scale}: its third guidance "
+            "branch is not part of the method, so the LoRAs are merged as usual for this generation; "
+            "set Image CFG scale to 1 to compose them"
+        )
+        for key in self.settings.infotext():
+            p.extra_generation_params.pop(key, None)
 
     def end_pass(self) -> None:
         super().end_pass()
@@ -161,8 +177,9 @@ class A1111Session(Session):
         start = layout.cursor - x.shape[0]
         adapter_inputs = None
         if layout.text:
+            n_cond = sum(label.branch == "cond" for label in layout.labels)
             adapter_inputs = {
-                key: {"cond": _text_part(cond, _slice_rows(rows, start, layout.cursor))}
+                key: {"cond": _text_part(cond, _call_rows(rows, start, layout.cursor, n_cond))}
                 for key, rows in layout.text.items()
             }
             if any(part["cond"] is None for part in adapter_inputs.values()):
@@ -197,7 +214,8 @@ class A1111Session(Session):
 
             step = params.denoiser.step  # the denoiser reconstructs the scheduled prompts at its own count
             self.layout.text = {
-                key: _cat_rows(
+                key: _padded(
+                    params.denoiser,
                     prompt_parser.reconstruct_multicond_batch(c, step)[1],
                     prompt_parser.reconstruct_cond_batch(uc, step),
                 )
@@ -224,11 +242,41 @@ def _encode_per_adapter(p, networks, composed) -> dict:
     return encode_variants(p, variants)
 
 
-def _cat_rows(cond, uncond):
-    """A CFG batch's text rows: the cond rows, then the uncond rows (tensors or SDXL dicts)."""
+def _edit_model(p) -> bool:
+    """As A1111's CFG denoiser decides it: an instruct-pix2pix checkpoint at an Image CFG scale other
+    than 1 batches three branches (cond, uncond, uncond without the image)."""
+    scale = getattr(p, "image_cfg_scale", None)
+    return getattr(p.sd_model, "cond_stage_key", None) == "edit" and scale is not None and scale != 1.0
+
+
+def _padded(denoiser, cond, uncond):
+    """A variant's cond and uncond text rows padded to one token length as the denoiser pads the
+    host's (settings "Pad prompt/negative prompt" and its v0), by the denoiser's own methods."""
+    from modules import shared
+
+    if cond.shape[1] == uncond.shape[1]:
+        return cond, uncond
+    if getattr(shared.opts, "pad_cond_uncond_v0", False) and hasattr(denoiser, "pad_cond_uncond_v0"):
+        return denoiser.pad_cond_uncond_v0(cond, uncond)
+    if getattr(shared.opts, "pad_cond_uncond", False) and hasattr(denoiser, "pad_cond_uncond"):
+        return denoiser.pad_cond_uncond(cond, uncond)
+    return cond, uncond
+
+
+def _call_rows(text, start: int, stop: int, n_cond: int):
+    """Rows [start, stop) of a CFG batch's text rows: cond rows first, then uncond rows. A call that
+    holds both only comes when their token lengths match (A1111 runs them apart otherwise)."""
+    cond, uncond = text
+    parts = []
+    if start < n_cond:
+        parts.append(_slice_rows(cond, start, min(stop, n_cond)))
+    if stop > n_cond:
+        parts.append(_slice_rows(uncond, max(start - n_cond, 0), stop - n_cond))
+    if len(parts) == 1:
+        return parts[0]
     if isinstance(cond, dict):
-        return {key: torch.cat([cond[key], uncond[key]]) for key in cond}
-    return torch.cat([cond, uncond])
+        return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    return torch.cat(parts)
 
 
 def _slice_rows(rows, start: int, stop: int):

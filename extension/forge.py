@@ -14,6 +14,12 @@ here outlives a pass except the runtime's hooks, which ``close`` removes):
   ``RowComposer`` evaluate base + LoRAs for them in one forward, and returns each row's composed x0.
   A wrapper already in the slot (another extension's) is chained: it wraps ours, and still runs.
 - Forge's memory manager is told about the larger batch (peak-memory estimate) and the LoRA tensors.
+- Short of memory, Forge's ``calc_cond_uncond_batch`` runs part of its chunks per call, the uncond
+  chunk first and alone. The uncond branch is re-centred with the cond rows' weights, so when an
+  uncond row comes before its image's cond rows, the wrapper first has Forge run the step's cond
+  chunks (the compiled conds a pre-CFG function recorded, through Forge's own batching, memory
+  check, ControlNet and wrappers), composes them, and keeps their outputs for the cond calls of
+  the same evaluation, which then cost nothing.
 - The step index comes from the sampler's CFG denoiser counter (``p.sampler.model_wrap_cfg``), not
   from call counts and not from ``on_cfg_denoiser``.
 """
@@ -46,6 +52,8 @@ class ForgeSession(Session):
     ours: list = field(default_factory=list)  # the patchers this generation made (compared by identity)
     text: dict | None = None  # per-LoRA text: adapter index (None: base) -> (c, uc) as encoded for it
     step_text: dict | None = None  # this step's text rows: {"cond": [(shared, {key: own})], "uncond": ...}
+    step_conds: tuple | None = None  # this evaluation's (model, cond, x, timestep, model_options)
+    cond_done: list = field(default_factory=list)  # this evaluation's cond rows composed: (input, text, out)
 
     # --- a sampling pass ----------------------------------------------------------------------------
 
@@ -85,6 +93,7 @@ class ForgeSession(Session):
             self.text = _encode_per_adapter(p, markers)
         self.compose(p, model, adapters, layers)
         self._reserve_memory(clone, layers)
+        clone.add_sampler_pre_cfg_function(self._record_conds())
         self._install(p, clone, clone.model_options.get("model_function_wrapper"))
 
     def _install(self, p, clone, previous) -> None:
@@ -94,7 +103,8 @@ class ForgeSession(Session):
 
     def end_pass(self) -> None:
         super().end_pass()
-        self.text = self.step_text = None
+        self.text = self.step_text = self.step_conds = None
+        self.cond_done = []
 
     def close(self) -> None:
         """Hooks off. The patchers made here die with the pass: Forge resets forge_objects."""
@@ -245,6 +255,48 @@ class ForgeSession(Session):
 
         return model_function_wrapper
 
+    def _record_conds(self):
+        """A pre-CFG function (a closure: Forge deep-copies model_options) that records each model
+        evaluation's compiled conds, so its cond chunks can be run ahead of an uncond chunk."""
+        session = self
+
+        def record_conds(model, cond, uncond, x, timestep, model_options):
+            if session.rows is not None:
+                session.step_conds = (model, cond, x, timestep, model_options)
+                session.cond_done = []
+                session.rows.forget_cond()  # a new evaluation: the last one's cond weights are stale
+            return model, cond, uncond, x, timestep, model_options
+
+        return record_conds
+
+    def _compose_cond_ahead(self) -> None:
+        """Forge's own calc_cond_uncond_batch over this evaluation's cond chunks only (its memory
+        check splits them as it would); each call comes back through the wrapper, which composes
+        the rows and keeps them in ``cond_done``."""
+        if hasattr(self.ours[-1], "lora_patches"):
+            from backend.sampling.sampling_function import calc_cond_uncond_batch
+        else:
+            from ldm_patched.modules.samplers import calc_cond_uncond_batch
+        model, cond, x, timestep, model_options = self.step_conds
+        self.step_conds = None  # once per evaluation
+        calc_cond_uncond_batch(model, cond, None, x, timestep, model_options)
+
+    def _known_rows(self, input, cross, labels) -> dict:
+        """This call's cond rows already composed in this evaluation (same latent and text): row ->
+        output (the sigma is the evaluation's)."""
+        known = {}
+        for r, label in enumerate(labels):
+            if label.branch != "cond":
+                continue
+            for row_input, row_text, output in self.cond_done:
+                text = cross[r : r + 1] if isinstance(cross, torch.Tensor) else None
+                if torch.equal(input[r], row_input) and (
+                    text is None or row_text is None or _same_text(text, row_text)
+                ):
+                    known[r] = output
+                    break
+        return known
+
     def on_cfg_denoiser(self, params) -> None:
         """Per-LoRA text: this step's prompts (scheduling) as the host's rows and as each LoRA's, per
         AND part in the order Forge compiles them (one chunk per part, every image in it)."""
@@ -321,7 +373,17 @@ class ForgeSession(Session):
             sigmas = options.get("sigmas")
             images = len(sigmas) if sigmas is not None else input.shape[0] // len(options["cond_or_uncond"])
             adapter_inputs = self._text_inputs(rest, options["cond_or_uncond"], images)
-        return self.rows(
+        if self.rows.missing_cond(labels, step):
+            if self.step_conds is None:
+                raise RuntimeError(
+                    "LoRAtorio: Forge ran an uncond chunk before its cond chunk (short of GPU memory) and "
+                    "this step's conds were not recorded (another extension may replace Forge's pre-CFG "
+                    "functions); set Re-centering (lam) to 1, which needs no cond weights for the uncond"
+                )
+            self._compose_cond_ahead()
+        cross = rest.get("c_crossattn")
+        known = self._known_rows(input, cross, labels)
+        output = self.rows(
             forward,
             inputs,
             labels,
@@ -329,7 +391,13 @@ class ForgeSession(Session):
             to_eps=_x0_to_eps,
             from_eps=_eps_to_x0,
             adapter_inputs=adapter_inputs,
+            known=known,
         )
+        for r, label in enumerate(labels):
+            if label.branch == "cond" and r not in known:
+                text = cross[r : r + 1] if isinstance(cross, torch.Tensor) else None
+                self.cond_done.append((input[r], text, output[r]))
+        return output
 
 
 def _labels(rows: int, options: dict) -> list[RowLabel]:

@@ -11,9 +11,12 @@ guided prediction, because guidance is linear in the two branches.
 
 What outlives a call is kept here, explicitly: within a step, each image's cond weights, which
 its uncond rows reuse (they may arrive in another call); across steps, each cond row's top-k set.
-``reset`` starts a new sampling pass. An uncond row whose image's cond rows have not been seen
-this step (a host that sends uncond first, in a separate call) takes its weights from the
-LoRAs' uncond predictions themselves, the closest stand-in available then.
+``reset`` starts a new sampling pass; ``forget_cond`` a new model evaluation of the same step
+(second-order samplers evaluate twice a step). The method weighs an image's uncond rows with its
+cond rows' weights, so a host that may send an uncond row before its image's cond rows (Forge,
+short of memory) asks ``missing_cond`` first and, when it says so, has the cond rows composed
+before that call, passing their outputs back as ``known`` to any later call that holds them.
+An uncond row whose image's cond rows were never seen this step is an error, not a guess.
 """
 
 from __future__ import annotations
@@ -26,8 +29,7 @@ from torch import Tensor
 
 from .config import LoRAtorioConfig
 from .lora.runtime import LoRARuntime, evaluate_entries
-from .step import BASE, COND, UNCOND, Adapter, CondResult, StepComposer, _Reader
-from .weighting import patch_cosine_similarity, patch_weights, upsample_weights
+from .step import COND, UNCOND, Adapter, CondResult, StepComposer
 
 Convert = Callable[[Tensor, Mapping[str, object]], Tensor]
 
@@ -64,10 +66,26 @@ class RowComposer:
         self.record_weights = record_weights
         self.reset()
 
+    def forget_cond(self) -> None:
+        """A new model evaluation begins (second-order samplers evaluate twice a step): the cond
+        weights of the previous one no longer apply to its uncond rows."""
+        self._cond_of_sample = {}
+
+    def missing_cond(self, labels: Sequence[RowLabel], step: int) -> bool:
+        """Whether a call with these rows holds uncond rows whose re-centring needs cond weights
+        that neither an earlier call of this step nor this call's own cond rows provide."""
+        config = self.composer.config
+        if config.mode != "loratorio" or config.recenter == 1.0:
+            return False  # the uncond branch is the base model's or a baseline's: no weights needed
+        seen = set(self._cond_of_sample) if step == self._step else set()
+        seen |= {label.sample for label in labels if label.branch == COND}
+        return any(label.branch == UNCOND and label.sample not in seen for label in labels)
+
     def reset(self) -> None:
         """Forget everything: a new sampling pass (hires, next batch) starts here."""
         self._step: int | None = None
-        self._cond_of_sample: dict[int, tuple[Tensor, Tensor | None]] = {}
+        # image -> (sum of its cond rows' weights, how many rows, union of their kept sets), this step
+        self._cond_of_sample: dict[int, tuple[Tensor | None, int, Tensor | None]] = {}
         self._kept_of_row: dict[tuple[int, int], Tensor] = {}
         self.weights: dict[int, dict[int, Tensor]] = {}  # step -> image -> (N, h, w), when recorded
         self.kept: dict[int, list[str]] = {}  # image -> names of the LoRAs its last step kept
@@ -82,6 +100,7 @@ class RowComposer:
         to_eps: Convert | None = None,
         from_eps: Convert | None = None,
         adapter_inputs: Mapping[int | None, Mapping[str, object]] | None = None,
+        known: Mapping[int, Tensor] | None = None,
     ) -> Tensor:
         """Each host row's composed prediction, in the host's output space.
 
@@ -93,16 +112,26 @@ class RowComposer:
         None) see instead of ``inputs``, for the same host rows; partial (e.g. only the
         conditioning, when each LoRA's text-encoder part encodes the prompt its own way). Rows
         with several adapters active (merge) keep ``inputs``.
+        known: host rows whose composed output (in the forward's space) was made earlier this step
+        (cond rows composed ahead of their uncond rows): returned as they are, not evaluated again.
         """
         rows = _rows(inputs)
         if len(labels) != rows:
             raise ValueError(f"labels has {len(labels)} entries for {rows} rows of inputs")
+        if any(label.branch not in (COND, UNCOND) for label in labels):
+            raise ValueError("every label's branch must be 'cond' or 'uncond'")
         if step != self._step:
             self._step, self._cond_of_sample = step, {}
-        cond_rows = [r for r, label in enumerate(labels) if label.branch == COND]
-        uncond_rows = [r for r, label in enumerate(labels) if label.branch == UNCOND]
-        if len(cond_rows) + len(uncond_rows) != rows:
-            raise ValueError("every label's branch must be 'cond' or 'uncond'")
+        known = known or {}
+        if self.missing_cond([label for r, label in enumerate(labels) if r not in known], step):
+            raise RuntimeError(
+                "LoRAtorio: an uncond row came before its image's cond rows; its re-centring needs their "
+                "weights (the host must compose the cond rows first)"
+            )
+        if len(known) == rows:
+            return torch.stack([known[r] for r in range(rows)])
+        cond_rows = [r for r, label in enumerate(labels) if label.branch == COND and r not in known]
+        uncond_rows = [r for r, label in enumerate(labels) if label.branch == UNCOND and r not in known]
         cond_keys = _cond_keys(labels, cond_rows)
 
         plan_c = plan_u = None
@@ -146,14 +175,16 @@ class RowComposer:
             composed[cond_rows] = cond.cond.to(composed.dtype)
         if plan_u is not None:
             uncond_eps = eps[split:]
-            weights_up = self._uncond_weights(plan_u, uncond_eps, [labels[r].sample for r in uncond_rows])
+            weights_up = self._uncond_weights(plan_u, [labels[r].sample for r in uncond_rows])
             uncond = self.composer.combine_uncond(
                 plan_u, uncond_eps, CondResult(None, None, None, None, weights_up)
             )
             composed[uncond_rows] = uncond.to(composed.dtype)
-        if from_eps is None:
-            return composed
-        return from_eps(composed, _take(inputs, torch.arange(rows)))
+        if from_eps is not None:
+            composed = from_eps(composed, _take(inputs, torch.arange(rows)))
+        for r, output in known.items():
+            composed[r] = output.to(composed)
+        return composed
 
     # --- state -------------------------------------------------------------------------------------
 
@@ -172,7 +203,7 @@ class RowComposer:
         sets = []
         for sample in samples:
             if sample in self._cond_of_sample:
-                sets.append(self._cond_of_sample[sample][1])
+                sets.append(self._cond_of_sample[sample][2])
                 continue
             previous = [kept for (s, _), kept in self._kept_of_row.items() if s == sample]
             if step % config.reselect_every == 0 or not previous:
@@ -195,37 +226,29 @@ class RowComposer:
             by_sample.setdefault(labels[r].sample, []).append(k)
         names = [a.name for a in self.adapters]
         for sample, ks in by_sample.items():
-            # AND sub-prompts: the image's uncond rows take the mean of its cond rows' weights.
-            weights = full[:, ks].mean(1) if full is not None else None
+            # AND sub-prompts: the image's uncond rows take the mean of its cond rows' weights, over
+            # every call of the step that brought some of them (a host may split them over calls).
+            weights = full[:, ks].sum(1) if full is not None else None
             kept = cond.kept[:, ks].any(1).cpu() if cond.kept is not None else None
-            self._cond_of_sample[sample] = (weights, kept)
+            count = len(ks)
+            if sample in self._cond_of_sample:
+                total, count_before, kept_before = self._cond_of_sample[sample]
+                weights = total + weights if weights is not None else None
+                kept = kept | kept_before if kept is not None else None
+                count += count_before
+            self._cond_of_sample[sample] = (weights, count, kept)
             if kept is not None:
                 self.kept[sample] = [names[i] for i in range(n) if bool(kept[i])]
             if self.record_weights and cond.weights is not None:
                 self.weights.setdefault(step, {})[sample] = cond.weights[:, ks[0]].float().cpu()
 
-    def _uncond_weights(self, plan_u, uncond_eps: Tensor, samples: list[int]) -> Tensor | None:
+    def _uncond_weights(self, plan_u, samples: list[int]) -> Tensor | None:
         config = self.composer.config
         if config.mode != "loratorio" or config.recenter == 1.0 or not plan_u.evaluated:
             return None  # no re-centring to weigh: the uncond is the base's or a baseline's
-        used = list(plan_u.evaluated)
-        stored = [self._cond_of_sample.get(s, (None, None))[0] for s in samples]
-        if all(w is not None for w in stored):
-            return torch.stack(stored, dim=1)[used]
-        # Cond rows of these images not seen yet this step: weigh by the uncond rows themselves.
-        read = _Reader(plan_u, uncond_eps, plan_u.num_cond_entries)
-        patch_size = config.patch_size_for(read.size)
-        similarity = patch_cosine_similarity(read.stack(UNCOND, used), read.one(UNCOND, BASE), patch_size)
-        weights = patch_weights(
-            similarity,
-            config.weighting,
-            config.temperature,
-            plan_u.kept[used] if plan_u.kept is not None else None,
-        )
-        fallback = upsample_weights(weights, read.size, patch_size, config.upsample)
-        return torch.stack(
-            [w[used] if w is not None else fallback[:, j] for j, w in enumerate(stored)], dim=1
-        )
+        # missing_cond was checked on entry: every image's cond weights are known this step
+        stored = [self._cond_of_sample[s][0] / self._cond_of_sample[s][1] for s in samples]
+        return torch.stack(stored, dim=1)[list(plan_u.evaluated)]
 
 
 def _cond_keys(labels: Sequence[RowLabel], cond_rows: list[int]) -> list[tuple[int, int]]:

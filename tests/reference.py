@@ -77,3 +77,19 @@ def loratorio_step(base_c, base_u, loras_c, loras_u, *, d, tau, lam, scale, keep
     mixed = compose(loras_u, weights) if lam < 1 else 0.0
     e_u = lam * base_u.double() + (1 - lam) * mixed
     return e_u + scale * (e_c - e_u)
+
+
+def loratorio_step_and(base_cs, base_u, loras_cs, loras_u, *, d, tau, lam, scale) -> torch.Tensor:
+    """One guided step with AND sub-prompts (A1111's composable diffusion, every weight 1): each
+    sub-prompt j composed with its own weights W_j; the uncond re-centred with their mean;
+    eps = e_u + w * sum_j (e_c_j - e_u)."""
+    height, width = base_u.shape[-2:]
+    weights = [
+        upsample_nearest(softmin(similarity(lc, bc, d), tau), height, width, d)
+        for bc, lc in zip(base_cs, loras_cs, strict=True)
+    ]
+    e_cs = [compose(lc, w) for lc, w in zip(loras_cs, weights, strict=True)]
+    mean = sum(weights) / len(weights)
+    mixed = compose(loras_u, mean) if lam < 1 else 0.0
+    e_u = lam * base_u.double() + (1 - lam) * mixed
+    return e_u + scale * sum(e_c - e_u for e_c in e_cs)

@@ -121,10 +121,21 @@ def expected_txt2img(
     seed=1,
     batch=1,
     text_encoders="shared",
+    scales=None,
+    text_loras=None,
+    top_k=None,
+    pad=None,
+    skip_uncond=(),
 ):
     """The method written out on the fake's own Euler schedule, every prediction from a merged copy.
     text_encoders "per LoRA": each LoRA's rows see the prompt encoded with its own text-encoder part,
-    the base rows the plain encoding."""
+    the base rows the plain encoding. scales: each LoRA's scale (default: its prompt tag's);
+    text_loras: the LoRAs whose text-encoder parts the host applies (default: all; a pool's LoRAs
+    are not in the prompt, so none); top_k: keep the k most divergent LoRAs, chosen every step.
+    AND in the prompt: each sub-prompt composed with its own weights, the uncond with their mean.
+    pad: "pad" / "v0", the host's padding of prompt and negative prompt to one length (A1111's
+    pad_cond_uncond / _v0) applied to every encoding; skip_uncond: the steps without the uncond
+    branch (e_c alone, A1111's skip_early_cond / negative guidance minimum sigma)."""
     import modules
 
     # the A1111 fake's k-diffusion schedule (under the Forge fake too: its ``a1111_version``)
@@ -135,15 +146,25 @@ def expected_txt2img(
 
     sd = webui.sd
     folder = Path(webui.shared.cmd_opts.lora_dir)
-    loras = [(folder / f"{n}.safetensors", SCALES[n]) for n in names]
-    text = merged_copy(sd.cond_stage_model, loras, "te1")  # the built-in applies the TE parts (shared)
-    c, uc = text([prompt] * batch), text([negative] * batch)
-    own = [(c, uc)] * len(loras)
+    loras = [(folder / f"{n}.safetensors", (scales or SCALES)[n]) for n in names]
+    in_text = (
+        loras
+        if text_loras is None
+        else [lora for lora, n in zip(loras, names, strict=True) if n in text_loras]
+    )
+    parts = prompt.split(" AND ")
+
+    def encode(model):
+        cs = [model([part] * batch) for part in parts]
+        uc = model([negative] * batch)
+        return _padded(cs, uc, pad, getattr(sd, "cond_stage_model_empty_prompt", None))
+
+    text = merged_copy(sd.cond_stage_model, in_text, "te1")  # the built-in applies the TE parts (shared)
+    cs, uc = encode(text)
+    own = [(cs, uc)] * len(loras)
     if text_encoders == "per LoRA":
-        plain = merged_copy(sd.cond_stage_model, [], "te1")
-        c, uc = plain([prompt] * batch), plain([negative] * batch)
-        singles_text = [merged_copy(sd.cond_stage_model, [lora], "te1") for lora in loras]
-        own = [(t([prompt] * batch), t([negative] * batch)) for t in singles_text]
+        cs, uc = encode(merged_copy(sd.cond_stage_model, [], "te1"))
+        own = [encode(merged_copy(sd.cond_stage_model, [lora], "te1")) for lora in loras]
     base = merged_copy(sd.model.diffusion_model, [], "unet")
     singles = [merged_copy(sd.model.diffusion_model, [lora], "unet") for lora in loras]
     schedule = sd_samplers_kdiffusion.CompVisDenoiser(sd)
@@ -151,6 +172,7 @@ def expected_txt2img(
     sigmas = torch.cat([schedule.t_to_sigma(ts), ts.new_zeros(1)])
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((batch, 4, 8, 8), generator=g) * sigmas[0]
+    method = {"d": settings["d"], "tau": settings["tau"], "lam": settings["lam"], "scale": cfg}
     with torch.no_grad():
         for i in range(steps):
             sigma = sigmas[i]
@@ -163,21 +185,37 @@ def expected_txt2img(
                 # a v model's output as eps at this sigma: alpha_bar = 1 / (1 + sigma^2)
                 return c_in * out + sigma * c_in * x_in if sd.parameterization == "v" else out  # noqa: B023
 
-            base_c, base_u = eps(base, c), eps(base, uc)
-            loras_c = torch.stack([eps(m, own_c) for m, (own_c, _) in zip(singles, own, strict=True)])
+            base_cs = [eps(base, c) for c in cs]
+            loras_cs = [
+                torch.stack([eps(m, own_cs[j]) for m, (own_cs, _) in zip(singles, own, strict=True)])
+                for j in range(len(parts))
+            ]
+            base_u = None if i in skip_uncond else eps(base, uc)
             loras_u = torch.stack([eps(m, own_uc) for m, (_, own_uc) in zip(singles, own, strict=True)])
-            eps = ref.loratorio_step(
-                base_c,
-                base_u,
-                loras_c,
-                loras_u,
-                d=settings["d"],
-                tau=settings["tau"],
-                lam=settings["lam"],
-                scale=cfg,
-            )
-            x = x + eps.float() * (sigmas[i + 1] - sigma)  # Euler: d = (x - denoised) / sigma = eps
+            if len(parts) > 1:
+                step_eps = ref.loratorio_step_and(base_cs, base_u, loras_cs, loras_u, **method)
+            else:
+                keep = None
+                if top_k is not None:
+                    keep = ref.top_k(ref.similarity(loras_cs[0], base_cs[0], settings["d"]), top_k)
+                step_eps = ref.loratorio_step(base_cs[0], base_u, loras_cs[0], loras_u, keep=keep, **method)
+            x = x + step_eps.float() * (sigmas[i + 1] - sigma)  # Euler: d = (x - denoised) / sigma = eps
     return x
+
+
+def _padded(cs, uc, pad, empty):
+    """A1111's CFGDenoiser padding of cond and uncond to one token length (one sub-prompt)."""
+    if pad is None or cs[0].shape[1] == uc.shape[1]:
+        return cs, uc
+    (c,) = cs
+    if pad == "v0":  # the uncond's last token vector repeated, or the uncond cut
+        if uc.shape[1] < c.shape[1]:
+            return cs, torch.cat([uc, uc[:, -1:].repeat(1, c.shape[1] - uc.shape[1], 1)], 1)
+        return cs, uc[:, : c.shape[1]]
+    chunks = (c.shape[1] - uc.shape[1]) // empty.shape[1]  # the empty prompt's chunks appended
+    if chunks > 0:
+        return cs, torch.cat([uc, empty.repeat(uc.shape[0], chunks, 1)], 1)
+    return [torch.cat([c, empty.repeat(c.shape[0], -chunks, 1)], 1)], uc
 
 
 def test_composes_the_prompts_loras_instead_of_merging_them(webui):
@@ -316,9 +354,48 @@ def test_separate_cond_and_uncond_calls_give_the_same_image(webui):
 
 
 def test_and_prompts_compose_every_sub_prompt(webui):
-    result, _ = generate(webui, "a cat AND a hat <lora:l0:0.8> <lora:l1:1.0>", ON)
-    plain, _ = generate(webui, "a cat AND a hat <lora:l0:0.8> <lora:l1:1.0>", with_script=False)
-    assert torch.isfinite(result.images[0]).all() and not torch.equal(result.images[0], plain.images[0])
+    """Each AND sub-prompt's cond row is composed with its own weights, the uncond re-centred with
+    their mean, and A1111 sums the sub-prompts' guidance."""
+    prompt = "a cat AND a hat"
+    result, _ = generate(webui, f"{prompt} <lora:l0:0.8> <lora:l1:1.0>", ON)
+    want = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5}, prompt=prompt)
+    torch.testing.assert_close(result.images[0], want[0], atol=2e-4, rtol=1e-4)
+
+
+LONG = "a cat sitting on a red mat near an old wooden door"  # 11 words: three of the fake's chunks
+
+
+@pytest.mark.parametrize(
+    "pad", [None, "pad", "v0"], ids=["unpadded", "pad-cond-uncond", "pad-cond-uncond-v0"]
+)
+@pytest.mark.parametrize("text_encoders", ["shared", "per LoRA"])
+def test_prompts_longer_than_one_chunk_compose_padded_or_not(webui, capsys, pad, text_encoders):
+    """A prompt over 75 tokens is several 77-token chunks, the negative prompt one: A1111 runs
+    cond and uncond in separate calls, or pads the shorter (empty-prompt chunks, or v0's last token
+    repeated); each LoRA's own text encoding is padded the same way."""
+    webui.shared.opts.data["pad_cond_uncond"] = pad == "pad"
+    webui.shared.opts.data["pad_cond_uncond_v0"] = pad == "v0"
+    webui.shared.opts.data["loratorio_text_encoders"] = text_encoders
+    result, _ = generate(webui, f"{LONG} <lora:l0:0.8> <lora:l1:1.0>", ON)
+    settings = {"d": 2, "tau": 0.05, "lam": 0.5}
+    want = expected_txt2img(webui, ["l0", "l1"], settings, prompt=LONG, pad=pad, text_encoders=text_encoders)
+    torch.testing.assert_close(result.images[0], want[0], atol=2e-4, rtol=1e-4)
+    assert "LoRAtorio" not in capsys.readouterr().err  # no warning: nothing fell back to shared text
+
+
+@pytest.mark.parametrize(
+    "opts, skipped",
+    [({"s_min_uncond": 100.0}, {1, 3}), ({"skip_early_cond": 0.5}, {0, 1, 2})],
+    ids=["negative-guidance-minimum-sigma", "skip-early-cfg"],
+)
+def test_steps_without_the_uncond_branch_compose_the_cond_alone(webui, opts, skipped):
+    """A1111 drops the uncond rows on some steps (NGMS every other step, or the early steps) and
+    guides with the cond prediction alone: e_c there, the full method elsewhere."""
+    s_min_uncond = opts.pop("s_min_uncond", None)
+    webui.shared.opts.data.update(opts)
+    result, _ = generate(webui, PROMPT, ON, s_min_uncond=s_min_uncond)
+    want = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5}, skip_uncond=skipped)
+    torch.testing.assert_close(result.images[0], want[0], atol=2e-4, rtol=1e-4)
 
 
 @pytest.fixture(params=["v-prediction", "sdxl", "inpainting"])
@@ -364,6 +441,40 @@ def test_v_prediction_sdxl_and_inpainting_models_compose_on_eps(other_model):
         inputs = {"x": torch.randn(3, 4, 8, 8), "t": torch.tensor([10.0, 500.5, 998.2])}
         v = torch.randn(3, 4, 8, 8)
         torch.testing.assert_close(from_eps(to_eps(v, inputs), inputs), v, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def edit_model(tmp_path):
+    sd = FakeSD(edit=True)
+    write_loras(tmp_path / "Lora", sd)
+    fake = fake_a1111.install(sd, tmp_path / "Lora")
+    spec = importlib.util.spec_from_file_location("loratorio.py", ROOT / "scripts" / "loratorio.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fake.script_class, fake.sd = module.LoRAtorioScript, sd
+    yield fake
+    fake_a1111.uninstall()
+
+
+def test_an_edit_model_at_an_image_cfg_scale_is_left_to_a1111_with_a_warning(edit_model, capsys):
+    """instruct-pix2pix at Image CFG scale 1.5: A1111 batches cond, uncond and image-free uncond
+    rows, a third branch the method does not define. The generation runs as without LoRAtorio
+    (the built-in merges the LoRAs), the console says why, the infotext claims nothing; at Image
+    CFG scale 1 A1111 batches two branches and the LoRAs are composed."""
+    webui = edit_model
+    unet = webui.sd.model.diffusion_model
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kwargs = dict(txt2img=False, init_latent=init)
+    plain, _ = generate(webui, PROMPT, with_script=False, **kwargs)
+    refused, _ = generate(webui, PROMPT, ON, **kwargs)
+    assert torch.equal(refused.images[0], plain.images[0])
+    assert "Image CFG scale 1.5" in capsys.readouterr().err
+    assert "LoRAtorio" not in refused.infotexts[0]
+    assert "apply_model" not in webui.sd.__dict__ and all(not m._forward_hooks for m in unet.modules())
+    plain_1, _ = generate(webui, PROMPT, with_script=False, image_cfg_scale=1.0, **kwargs)
+    composed, _ = generate(webui, PROMPT, ON, image_cfg_scale=1.0, **kwargs)
+    assert torch.isfinite(composed.images[0]).all() and not torch.equal(composed.images[0], plain_1.images[0])
+    assert "LoRAtorio: True" in composed.infotexts[0]
 
 
 def test_img2img_composes_from_the_init_latent(webui):

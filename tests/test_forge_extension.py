@@ -74,7 +74,7 @@ def _clean(root: torch.nn.Module, backup: dict) -> torch.nn.Module:
     return out
 
 
-def expected(forge, **kwargs):
+def expected(forge, names=("l0", "l1"), **kwargs):
     """The method on the fake's schedule, from merged copies of Forge's clean UNet and text encoder."""
     sd = forge.sd
     kmodel = sd.forge_objects_original.unet.model
@@ -88,7 +88,14 @@ def expected(forge, **kwargs):
             alphas_cumprod=sd.alphas_cumprod,
         ),
     )
-    return expected_txt2img(view, ["l0", "l1"], SETTINGS, **kwargs)
+    return expected_txt2img(view, list(names), SETTINGS, **kwargs)
+
+
+def split_by_memory(forge, batch_size=1):
+    """Free memory for one chunk of Forge's CFG batch but not two: its memory check then runs the
+    uncond chunk first and alone, as on an 8-12 GB card with SDXL."""
+    one_chunk = forge.sd.forge_objects_original.unet.model.memory_required([batch_size, 4, 8, 8])
+    forge.memory.free_memory = 1.5 * one_chunk
 
 
 def _hooks(forge) -> int:
@@ -142,7 +149,7 @@ def test_per_lora_text_rows_are_found_in_every_call_layout(tmp_path, capsys, cas
     forge = _install(tmp_path, xl=case.pop("xl", False))
     try:
         if case.pop("one_chunk_per_call", False):
-            forge.sd.forge_objects_after_applying_lora.unet.model_options["fake_max_chunks_per_call"] = 1
+            split_by_memory(forge)
         prompt = case.pop("prompt", PROMPT)
         shared, _ = generate(forge, prompt, ON, **case)
         forge.shared.opts.data["loratorio_text_encoders"] = "per LoRA"
@@ -258,9 +265,52 @@ def test_cond_and_uncond_in_separate_calls_give_the_same_image_when_the_uncond_i
     branch is the base model's, which needs nothing from the cond rows."""
     lam1 = [True, "LoRAtorio", 2, 0.05, 1.0, "", 0, 1, False]
     together, _ = generate(forge, PROMPT, lam1)
-    forge.sd.forge_objects_after_applying_lora.unet.model_options["fake_max_chunks_per_call"] = 1
+    split_by_memory(forge)
     apart, _ = generate(forge, PROMPT, lam1)
     torch.testing.assert_close(apart.images[0], together.images[0], atol=3e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-call", "uncond-first-alone"])
+def test_a_pool_with_top_k_at_lam_half_is_the_method_however_forge_splits_its_batch(forge, split):
+    """Short of memory, Forge runs the uncond chunk first and alone (then the cond chunk): the
+    uncond branch is still re-centred with the COND rows' weights over the kept LoRAs."""
+    if split:
+        split_by_memory(forge)
+    pool = [True, "LoRAtorio", 2, 0.05, 0.5, "l0, l1, l2", 2, 1, False]
+    result, _ = generate(forge, "a cat", pool)
+    names = ("l0", "l1", "l2")
+    want = expected(forge, names, scales=dict.fromkeys(names, 1.0), text_loras=(), top_k=2)
+    torch.testing.assert_close(result.images[0], want[0], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"batch_size": 2},
+        {"sampler_name": "Heun"},
+        {"prompt": "a cat AND a hat <lora:l0:0.8> <lora:l1:1.0>"},
+        {"enable_hr": True},
+    ],
+    ids=["batch-2", "second-order", "and-prompt", "hires-fix"],
+)
+def test_forges_memory_split_gives_the_image_of_one_call(forge, kwargs):
+    """Each evaluation's cond rows are composed before its uncond rows and once only: batches,
+    the second evaluation of a Heun step, AND parts split over calls, the hires pass."""
+    kwargs = dict(kwargs)
+    prompt = kwargs.pop("prompt", PROMPT)
+    together, _ = generate(forge, prompt, ON, **kwargs)
+    calls = []
+    forge.sd.forge_objects_after_applying_lora.unet.set_model_unet_function_wrapper(
+        lambda apply_model, args: (
+            calls.append(args["cond_or_uncond"]) or apply_model(args["input"], args["timestep"], **args["c"])
+        )
+    )
+    split_by_memory(forge, kwargs.get("batch_size", 1))
+    apart, _ = generate(forge, prompt, ON, **kwargs)
+    assert calls[0] == [1]  # Forge's first call of a step: the uncond chunk alone
+    assert all(len(chunks) == 1 for chunks in calls)
+    for got, want in zip(apart.images, together.images, strict=True):
+        torch.testing.assert_close(got, want, atol=3e-4, rtol=1e-3)
 
 
 def other_wrapper_script(tile: bool):

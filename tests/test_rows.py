@@ -216,14 +216,33 @@ def test_top_k_keeps_its_set_across_steps_and_calls_and_names_the_kept():
     assert all(len(names) == 2 for names in rows.kept.values())
 
 
-def test_uncond_rows_seen_before_their_cond_rows_still_compose():
+def test_an_uncond_row_before_its_cond_rows_is_refused_and_known_rows_are_not_evaluated_again():
+    """The uncond branch is re-centred with its image's COND weights: a host that may send uncond
+    rows first asks missing_cond, has the cond rows composed first, and hands their outputs back
+    as known when the call holding them comes; nothing is guessed, nothing evaluated twice."""
     unet, adapters = build()
     inputs, labels = host_batch()
     rows, runtime = composer_for(unet, adapters, CONFIG)
+    sizes = []
+
+    def counted(x, t, context):
+        sizes.append(len(x))
+        return unet(x, t, context)
+
     with torch.no_grad():
-        got = rows(forward(unet), {k: v[2:] for k, v in inputs.items()}, labels[2:], step=0)
+        whole = rows(forward(unet), inputs, labels, step=0)
+        rows.reset()
+        assert rows.missing_cond(labels[2:], step=0) and not rows.missing_cond(labels, step=0)
+        with pytest.raises(RuntimeError, match="uncond row came before its image's cond rows"):
+            rows(forward(unet), {k: v[2:] for k, v in inputs.items()}, labels[2:], step=0)
+        cond = rows(forward(unet), {k: v[:2] for k, v in inputs.items()}, labels[:2], step=0)
+        assert not rows.missing_cond(labels[2:], step=0)
+        got = rows(counted, inputs, labels, step=0, known={0: cond[0], 1: cond[1]})
+        rows.forget_cond()  # a second evaluation of the same step (second-order sampler)
+        assert rows.missing_cond(labels[2:], step=0)
     runtime.detach()
-    assert got.shape == (2, 4, 8, 8) and torch.isfinite(got).all()
+    assert sizes == [2 * (1 + 3)]  # the uncond rows only: base + 3 LoRAs each
+    torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_conversions_wrap_the_forward_output_space():

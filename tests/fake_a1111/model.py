@@ -34,34 +34,47 @@ class TinyTextEncoder(nn.Module):
         self.vector = nn.Linear(CONTEXT, VECTOR) if xl else None
 
     def forward(self, prompts):
-        ids = []
-        for prompt in prompts:
-            words = [sum(map(ord, w)) % 97 for w in prompt.lower().split()][:TOKENS]
-            ids.append(words + [0] * (TOKENS - len(words)))
-        h = self.embedding(torch.tensor(ids))
-        layer = self.transformer.text_model.encoder.layers[0]
-        h = h + layer.self_attn.q_proj(h)
-        h = h + layer.mlp.fc2(torch.nn.functional.gelu(layer.mlp.fc1(h)))
+        """As A1111's CLIP wrapper: a prompt longer than one chunk (TOKENS words, CLIP's 75 tokens)
+        is encoded chunk by chunk and the chunks concatenated; every prompt of the batch gets as
+        many chunks as the longest (empty ones after its end); SDXL's pooled vector is the first
+        chunk's."""
+        words = [[sum(map(ord, w)) % 97 for w in prompt.lower().split()] for prompt in prompts]
+        chunks = max(1, *((len(ws) + TOKENS - 1) // TOKENS for ws in words))
+        encoded = []
+        for k in range(chunks):
+            ids = [ws[k * TOKENS : (k + 1) * TOKENS] for ws in words]
+            encoded.append(self._chunk(torch.tensor([i + [0] * (TOKENS - len(i)) for i in ids])))
+        h = torch.cat(encoded, 1)
         if self.vector is None:
             return h
-        return {"crossattn": h, "vector": self.vector(h.mean(1))}
+        return {"crossattn": h, "vector": self.vector(encoded[0].mean(1))}
+
+    def _chunk(self, ids):
+        h = self.embedding(ids)
+        layer = self.transformer.text_model.encoder.layers[0]
+        h = h + layer.self_attn.q_proj(h)
+        return h + layer.mlp.fc2(torch.nn.functional.gelu(layer.mlp.fc1(h)))
 
 
 class FakeSD(nn.Module):
-    def __init__(self, xl=False, parameterization="eps", inpaint=False, seed=0):
+    def __init__(self, xl=False, parameterization="eps", inpaint=False, seed=0, edit=False):
         super().__init__()
         torch.manual_seed(seed)
         config = replace(
             tiny_config(context_dim=CONTEXT),
-            in_channels=9 if inpaint else 4,
+            in_channels=9 if inpaint else 8 if edit else 4,
             out_channels=4,
             adm_in_channels=VECTOR if xl else None,
         )
         self.model = nn.Module()
         self.model.diffusion_model = UNetModel(config).eval()
-        self.model.conditioning_key = "hybrid" if inpaint and not xl else "crossattn"
+        self.model.conditioning_key = "hybrid" if (inpaint or edit) and not xl else "crossattn"
         self.cond_stage_model = TinyTextEncoder(xl).eval()
         self.parameterization, self.is_sdxl, self.is_inpaint = parameterization, xl, inpaint
+        self.cond_stage_key = "edit" if edit else "txt"  # instruct-pix2pix checkpoints say "edit"
+        with torch.no_grad():  # sd_models.get_empty_cond, at load: the empty prompt, no LoRA
+            empty = self.get_learned_conditioning([""])
+        self.cond_stage_model_empty_prompt = empty["crossattn"] if xl else empty
         betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
         self.alphas_cumprod = torch.cumprod(1 - betas, 0).float()
 
@@ -70,12 +83,15 @@ class FakeSD(nn.Module):
 
     def apply_model(self, x_noisy, t, cond):
         unet = self.model.diffusion_model
-        x = torch.cat([x_noisy] + cond["c_concat"], dim=1) if self.is_inpaint else x_noisy
+        concat = self.is_inpaint or self.cond_stage_key == "edit"
+        x = torch.cat([x_noisy] + cond["c_concat"], dim=1) if concat else x_noisy
         if self.is_sdxl:
             return unet(x, t, context=cond["crossattn"], y=cond["vector"])
         return unet(x, t, context=torch.cat(cond["c_crossattn"], 1))
 
     def image_conditioning(self, x, mask):
+        if self.cond_stage_key == "edit":  # edit_image_conditioning: the source image's latent
+            return x
         if not self.is_inpaint:
             return x.new_zeros(x.shape[0], 5, 1, 1)
         mask = mask if mask is not None else torch.ones_like(x[:, :1])

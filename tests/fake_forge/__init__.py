@@ -58,6 +58,7 @@ def install(lora_dir, old=False, **model_kwargs):
     sd_model = FakeForgeSD(old=old, **model_kwargs)
     if old:
         import ldm_patched.modules.model_management  # noqa: F401  (its fake shares backend's)
+        import ldm_patched.modules.samplers  # noqa: F401
 
         sys.path.remove(HERE)
         for name in [n for n in sys.modules if n == "backend" or n.startswith("backend.")]:

@@ -33,6 +33,7 @@ class StableDiffusionProcessing:
         scripts=None,
         script_args=None,
         denoising_strength=0.6,
+        s_min_uncond=None,
     ):
         self.sd_model = sd_model or shared.sd_model
         self.prompt, self.negative_prompt, self.seed = prompt, negative_prompt, seed
@@ -40,6 +41,7 @@ class StableDiffusionProcessing:
         self.batch_size, self.n_iter, self.sampler_name = batch_size, n_iter, sampler_name
         self.scripts, self.script_args = scripts, tuple(script_args or ())
         self.denoising_strength = denoising_strength
+        self.s_min_uncond = s_min_uncond if s_min_uncond is not None else shared.opts.s_min_uncond
         self.extra_generation_params = {}
         self.override_settings = {}
         self.is_hr_pass = False
@@ -156,11 +158,13 @@ class StableDiffusionProcessingTxt2Img(StableDiffusionProcessing):
 
 
 class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
-    def __init__(self, *args, init_latent=None, mask=None, **kwargs):
+    def __init__(self, *args, init_latent=None, mask=None, image_cfg_scale=1.5, **kwargs):
         super().__init__(*args, **kwargs)
-        self.init_latent, self.mask = init_latent, mask
+        self.init_latent, self.mask, self.image_cfg_scale = init_latent, mask, image_cfg_scale
 
     def sample(self, conditioning, unconditional_conditioning, seeds):
+        # as init(): the Image CFG scale only counts for an edit (instruct-pix2pix) model
+        self.image_cfg_scale = self.image_cfg_scale if shared.sd_model.cond_stage_key == "edit" else None
         self.sampler = sd_samplers_kdiffusion.create_sampler(self.sampler_name, self.sd_model)
         x = self.init_latent.expand(len(seeds), -1, -1, -1)
         noise = self.noise(x.shape)

@@ -79,12 +79,13 @@ class KDiffusionSampler:
         self.model_wrap_cfg.p = p
         self.model_wrap_cfg.steps = steps
         self.model_wrap_cfg.total_steps = steps * 2 if self.second_order else steps
+        self.model_wrap_cfg.image_cfg_scale = getattr(p, "image_cfg_scale", None)  # Sampler.initialize
         self.sampler_extra_args = {
             "cond": c,
             "image_cond": image_conditioning,
             "uncond": uc,
             "cond_scale": p.cfg_scale,
-            "s_min_uncond": 0.0,
+            "s_min_uncond": getattr(p, "s_min_uncond", 0.0),
         }
         shared.state.sampling_steps = steps
         self.last_latent = x
@@ -121,6 +122,7 @@ class KDiffusionSampler:
         self, p, x, noise, conditioning, unconditional_conditioning, steps=None, image_conditioning=None
     ):
         steps = steps or p.steps
+        self.model_wrap_cfg.init_latent = x
         t_enc = int(min(p.denoising_strength, 0.999) * steps)
         sigmas = self.get_sigmas(steps)[steps - t_enc - 1 :]
         return self._launch(

@@ -82,6 +82,9 @@ opts.data.update(
     s_min_uncond=0.0,
     return_grid=True,
     grid_only_if_multiple=True,
+    s_min_uncond_all=False,
+    pad_cond_uncond=False,
+    pad_cond_uncond_v0=False,
 )
 options_templates = opts.data_labels
 state = State()

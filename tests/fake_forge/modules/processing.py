@@ -64,6 +64,7 @@ class StableDiffusionProcessingTxt2Img(_a1111.StableDiffusionProcessingTxt2Img):
 
 class StableDiffusionProcessingImg2Img(_a1111.StableDiffusionProcessingImg2Img):
     def sample(self, conditioning, unconditional_conditioning, seeds):
+        self.image_cfg_scale = None  # Forge's init(): no instruct-pix2pix
         self.sampler = sd_samplers_kdiffusion.create_sampler(self.sampler_name, self.sd_model)
         x = self.init_latent.expand(len(seeds), -1, -1, -1)
         noise = self.noise(x.shape)

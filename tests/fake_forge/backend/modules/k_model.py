@@ -33,5 +33,7 @@ class KModel(torch.nn.Module):
         return self.predictor.calculate_denoised(sigma, out, x)
 
     def memory_required(self, input_shape):
+        """Forge's estimate with PyTorch attention: 1.28 * area * dtype size * 16384 bytes."""
         area = input_shape[0] * input_shape[2] * input_shape[3]
-        return area * 1024
+        dtype_size = torch.empty((), dtype=self.computation_dtype).element_size()
+        return 1.28 * area * dtype_size * 16384

@@ -24,6 +24,16 @@ class UnetPatcher(ModelPatcher):
     def add_extra_preserved_memory_during_sampling(self, memory_in_bytes: int):
         self.extra_preserved_memory_during_sampling += memory_in_bytes
 
+    def append_model_option(self, k, v, ensure_uniqueness=False):
+        if k not in self.model_options:
+            self.model_options[k] = []
+        if ensure_uniqueness and v in self.model_options[k]:
+            return
+        self.model_options[k].append(v)
+
+    def add_sampler_pre_cfg_function(self, modifier, ensure_uniqueness=False):
+        self.append_model_option("sampler_pre_cfg_function", modifier, ensure_uniqueness)
+
     def set_memory_peak_estimation_modifier(self, modifier):
         self.model_options["memory_peak_estimation_modifier"] = modifier
 
