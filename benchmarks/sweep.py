@@ -5,8 +5,9 @@ synthetic benchmarks (a setting counts only if it holds on models it was not tun
     python benchmarks/sweep.py --limit 48 --seeds 1  # a quicker look
 
 Stage 1: every weighting rule over its temperature grid, at patch 1/16 of the latent side and
-lam = 1 (N + 2 rows a step instead of 2N + 2). Stage 2: at the best rule and temperature, patch
-1/8 and lam 0.5. The score of a setting is its all-present rate averaged over N and over the
+lam = 0.5 (the paper's re-centring; lam = 1 lost to it on both models in first looks). Stage 2:
+at the best rule and temperature, lam = 1 (N + 2 rows a step instead of 2N + 2: shipped if it
+does not lose) and patch 1/8. The score of a setting is its all-present rate averaged over N and over the
 two benchmarks; each benchmark's own rate, interval and winning weight are printed beside it, so
 a setting that wins on one model only shows as such. The test halves are never used here.
 """
@@ -25,12 +26,13 @@ from quality import BENCHMARKS, Method, benchmark, evaluate, patch_size_of, sele
 
 from loratorio_core.config import LoRAtorioConfig  # noqa: E402
 
+# Sharper settings than these (winning weights 0.6-1) lost on the first benchmark's dev half.
 TEMPERATURES = {
-    "softmin": (0.01, 0.1, 1.0),
-    "spread": (0.5, 1.0, 2.0, 4.0),
-    "median": (1.0, 3.0, 10.0),
-    "power": (0.5, 1.0, 3.0),
-    "rank": (0.5, 1.0, 2.0, 4.0),
+    "softmin": (0.1, 1.0),
+    "spread": (2.0, 4.0),
+    "median": (5.0, 10.0),
+    "power": (3.0, 5.0),
+    "rank": (2.0, 3.0, 4.0),
 }
 
 
@@ -89,14 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     started = time.time()
-    stage1 = [setting(r, t, 1 / 16, 1.0) for r, taus in TEMPERATURES.items() for t in taus]
+    stage1 = [setting(r, t, 1 / 16, 0.5) for r, taus in TEMPERATURES.items() for t in taus]
     scores = run(stage1, names, args)
 
     def mean(key: tuple) -> float:
         return sum(scores[key][n]["avg"] for n in names) / len(names)
 
     best = max(stage1, key=mean)
-    stage2 = [setting(best[0], best[1], 1 / 8, 1.0), setting(best[0], best[1], 1 / 16, 0.5)]
+    stage2 = [setting(best[0], best[1], 1 / 16, 1.0), setting(best[0], best[1], 1 / 8, 0.5)]
     scores.update(run(stage2, names, args))
     winner = max(stage1 + stage2, key=mean)
 

@@ -50,3 +50,17 @@ def tag_relevance(prompt: str, tags: Sequence[Mapping[str, int]]) -> Tensor:
         matched = [count / top / sharing[tag] for tag, count in lora.items() if f" {tag} " in words]
         scores[i] = max(matched, default=0.0) if top > 0 else 0.0
     return scores
+
+
+def named_by_prompt(prompt: str, tags: Sequence[Mapping[str, int]]) -> Tensor:
+    """(M,) bool: the LoRAs ``prompt`` names (``tag_relevance`` above ``NAMED``), the prior a
+    top-k selection keeps first (``StepComposer.plan(named=...)``)."""
+    return tag_relevance(prompt, tags) > NAMED
+
+
+def named_by_prompts(prompts: Sequence[str], tags: Sequence[Mapping[str, int]]) -> Tensor | None:
+    """(M, B) bool: ``named_by_prompt`` for each of the batch's B prompts; None when no LoRA of
+    the pool carries tags (nothing can be named, and the intrinsic score alone selects)."""
+    if not any(tags):
+        return None
+    return torch.stack([named_by_prompt(p, tags) for p in prompts], dim=1)

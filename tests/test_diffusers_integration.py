@@ -215,6 +215,35 @@ def test_every_mode_and_dynamic_selection_run_through_the_same_path(sd, tmp_path
     assert result.weights[0].shape == (4, 2, 8, 8)  # the default patch: 1/16 of the 8x8 latent is 1
 
 
+def test_top_k_keeps_the_loras_each_prompt_names_by_their_training_tags(sd, tmp_path):
+    import json
+
+    triggers = ["zorp", "quix", "blen", "morv"]
+    paths = []
+    for i, trigger in enumerate(triggers):
+        lora = load_lora(random_lora(tmp_path / f"raw{i}.safetensors", sd, seed=i))
+        tags = {f"10_{trigger}": {trigger: 20, "1girl": 20, "solo": 7}}  # kohya's dataset -> tag counts
+        paths.append(tmp_path / f"{trigger}.safetensors")
+        save_lora(paths[-1], lora.layers, {"ss_tag_frequency": json.dumps(tags)})
+    pool = LoRAtorioDiffusers(sd, paths, config=LoRAtorioConfig(top_k=2, recenter=1.0))
+    result = pool(
+        ["1girl, zorp and (blen:1.2)", "quix, morv, solo"], steps=3, height=16, width=16, output_type="latent"
+    )
+    # each prompt names two LoRAs (the shared "1girl" names none): they are the selection on
+    # every step, and the rest of the pool is never evaluated (uncond + cond + the four named)
+    assert all(
+        kept.T.tolist() == [[True, False, True, False], [False, True, False, True]] for kept in result.kept
+    )
+    assert result.rows == [2 + 4] * 3
+    untagged = LoRAtorioDiffusers(
+        sd,
+        [random_lora(tmp_path / f"u{i}.safetensors", sd, seed=i) for i in range(3)],
+        config=LoRAtorioConfig(top_k=2, recenter=1.0),
+    )
+    # no tags to go by: the first step evaluates the whole pool to rank it
+    assert untagged("zorp", steps=1, height=16, width=16, output_type="latent").rows == [2 + 3]
+
+
 def test_an_interrupt_mid_generation_leaves_the_pipeline_as_it_was(sd, tmp_path):
     paths = [random_lora(tmp_path / f"l{i}.safetensors", sd, seed=i, text_encoder=True) for i in range(2)]
     before = {n: p.detach().clone() for n, p in sd.unet.named_parameters()}

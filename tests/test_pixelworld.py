@@ -102,17 +102,17 @@ def test_captions_follow_the_grammar_and_fit_the_context():
 # --- composition sets and their split ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("benchmark", BENCHMARKS, ids=lambda b: b.NAME)
-def test_sets_match_composlora_and_the_split_is_fixed_and_disjoint(benchmark):
-    dev, test = benchmark.sets("dev"), benchmark.sets("test")
+@pytest.mark.parametrize("bench", BENCHMARKS, ids=lambda b: b.NAME)
+def test_sets_match_composlora_and_the_split_is_fixed_and_disjoint(bench):
+    dev, test = bench.sets("dev"), bench.sets("test")
     sets = dev + test
     assert len(dev) == len(test) == 120 and not set(dev) & set(test) and len(set(sets)) == 240
     assert [sum(len(s) == n for s in sets) for n in (2, 3, 4, 5)] == [24, 72, 96, 48]
-    category = {c.name: c.category for c in benchmark.CONCEPTS}
+    category = {c.name: c.category for c in bench.CONCEPTS}
     for s in sets:
         cats = [category[c] for c in s]
         assert cats[0] == "character" and cats.count("character") == 1 and len(set(cats)) == len(cats)
-    assert benchmark.sets("dev") == dev  # the same split every call
+    assert bench.sets("dev") == dev  # the same split every call
     assert [sum(len(s) == n for s in dev) for n in (2, 3, 4, 5)] == [12, 36, 48, 24]  # stratified by N
 
 
@@ -153,27 +153,27 @@ def test_the_brick_wall_is_found_at_any_phase_under_any_style_and_the_ramp_is_no
 # --- the shared benchmark interface --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("benchmark", BENCHMARKS, ids=lambda b: b.NAME)
-def test_each_benchmark_module_exposes_the_interface(benchmark):
-    assert isinstance(benchmark.NAME, str) and benchmark.CATEGORIES == CATEGORIES
-    assert {c.category for c in benchmark.CONCEPTS} == set(CATEGORIES) and len(benchmark.CONCEPTS) == 11
-    assert isinstance(benchmark.LATENT_SIDE, int) and benchmark.STEPS == 20
-    jobs = benchmark.jobs_for(benchmark.sets("test")[:5], seeds=2)
+@pytest.mark.parametrize("bench", BENCHMARKS, ids=lambda b: b.NAME)
+def test_each_benchmark_module_exposes_the_interface(bench):
+    assert isinstance(bench.NAME, str) and bench.CATEGORIES == CATEGORIES
+    assert {c.category for c in bench.CONCEPTS} == set(CATEGORIES) and len(bench.CONCEPTS) == 11
+    assert isinstance(bench.LATENT_SIDE, int) and bench.STEPS == 20
+    jobs = bench.jobs_for(bench.sets("test")[:5], seeds=2)
     assert [j.seeds for j in jobs] == [(0, 1), (1000, 1001), (2000, 2001), (3000, 3001), (4000, 4001)]
     assert all(
-        isinstance(j, Job) and j.loras == s for j, s in zip(jobs, benchmark.sets("test"), strict=False)
+        isinstance(j, Job) and j.loras == s for j, s in zip(jobs, bench.sets("test"), strict=False)
     )
-    files = benchmark.lora_files()
-    assert list(files) == [c.name for c in benchmark.CONCEPTS] and all(p.exists() for p in files.values())
+    files = bench.lora_files()
+    assert list(files) == [c.name for c in bench.CONCEPTS] and all(p.exists() for p in files.values())
 
 
-@pytest.mark.parametrize("benchmark", BENCHMARKS, ids=lambda b: b.NAME)
-def test_gt_rmse_is_zero_for_a_clean_rendering_of_the_intended_scene(benchmark):
-    job = benchmark.jobs_for([benchmark.sets("dev")[-1]], seeds=1)[0]
-    scenes = benchmark.intended_scenes(job)
+@pytest.mark.parametrize("bench", BENCHMARKS, ids=lambda b: b.NAME)
+def test_gt_rmse_is_zero_for_a_clean_rendering_of_the_intended_scene(bench):
+    job = bench.jobs_for([bench.sets("dev")[-1]], seeds=1)[0]
+    scenes = bench.intended_scenes(job)
     world_module = __import__(type(scenes[0]).__module__, fromlist=["render"])
     clean = torch.stack([world_module.render(scenes[3]), 1 - world_module.render(scenes[3])])
-    errors = benchmark.gt_rmse(clean, job)
+    errors = bench.gt_rmse(clean, job)
     assert float(errors[0]) == 0.0 and float(errors[1]) > 0.2
     assert torch.equal(errors, nearest_rmse(clean, torch.stack([world_module.render(s) for s in scenes])))
 
@@ -199,11 +199,11 @@ def pixel_model():
     return pixel_benchmark.load_model()
 
 
-@pytest.mark.parametrize("benchmark", BENCHMARKS, ids=lambda b: b.NAME)
-def test_every_shipped_lora_binds_every_layer_it_targets_and_names_its_trigger(benchmark):
-    model = benchmark.load_model()
-    for concept in benchmark.CONCEPTS:
-        path = benchmark.lora_files()[concept.name]
+@pytest.mark.parametrize("bench", BENCHMARKS, ids=lambda b: b.NAME)
+def test_every_shipped_lora_binds_every_layer_it_targets_and_names_its_trigger(bench):
+    model = bench.load_model()
+    for concept in bench.CONCEPTS:
+        path = bench.lora_files()[concept.name]
         lora = load_lora(path)
         assert all(component == "unet" for component, _ in lora.layers)
         bound = bind_lora(model.unet, lora)
@@ -237,7 +237,7 @@ def test_the_shared_sampler_gives_the_first_benchmarks_images_unchanged():
     }
     configs = {
         "loratorio": LoRAtorioConfig(patch_size=1, temperature=1.0),
-        "top-k": LoRAtorioConfig(recenter=1.0, top_k=2),
+        "top-k": LoRAtorioConfig(patch_size=4, recenter=1.0, top_k=2),  # the old default's 4
         "switch": LoRAtorioConfig(mode="switch"),
     }
     for label, config in configs.items():
@@ -296,16 +296,16 @@ def test_a_v_model_trains_on_the_v_that_the_sampler_turns_back_into_its_noise(tr
 
 
 def test_lora_masks_are_at_latent_resolution_and_cover_what_the_concept_changes(train_synthetic):
-    for benchmark, name, side in (("synthetic", "poka", 16), ("pixelworld", "pantz", 24)):
-        kit = train_synthetic.kit_for(benchmark)
+    for bench, name, side in (("synthetic", "poka", 16), ("pixelworld", "pantz", 24)):
+        kit = train_synthetic.kit_for(bench)
         images, ids, masks = train_synthetic.concept_dataset(kit, name)
         assert masks.shape == (len(images), 1, side, side) and ids.shape[0] == len(images)
         assert 0 < float(masks.mean()) < 0.2  # clothing: a small part of the picture
 
 
-@pytest.mark.parametrize("benchmark", ["synthetic", "pixelworld"])
-def test_shipped_tag_frequencies_are_the_training_captions_word_counts(train_synthetic, benchmark):
-    kit = train_synthetic.kit_for(benchmark)
+@pytest.mark.parametrize("bench", ["synthetic", "pixelworld"])
+def test_shipped_tag_frequencies_are_the_training_captions_word_counts(train_synthetic, bench):
+    kit = train_synthetic.kit_for(bench)
     for concept in kit.world.CONCEPTS:
         captions = train_synthetic.concept_captions(kit, concept.name)
         shipped = json.loads(read_metadata(kit.model.lora_path(concept.name))["ss_tag_frequency"])
@@ -314,7 +314,7 @@ def test_shipped_tag_frequencies_are_the_training_captions_word_counts(train_syn
         assert counts[concept.name] == len(captions)
         for word in captions[0]:
             assert counts[word] == sum(word in c for c in captions)
-        if benchmark == "pixelworld":  # the caption grammar's words are tags too, as in real LoRAs
+        if bench == "pixelworld":  # the caption grammar's words are tags too, as in real LoRAs
             assert counts["on"] == len(captions)
             assert ("wearing" in counts) == (concept.category == "clothing")
 

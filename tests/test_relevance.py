@@ -9,7 +9,7 @@ import torch
 
 from loratorio_core import Adapter, LoRAtorioConfig, StepComposer, select_top_k
 from loratorio_core.lora import tag_frequencies, trigger_words
-from loratorio_core.relevance import NAMED, normalized_words, tag_relevance
+from loratorio_core.relevance import NAMED, named_by_prompts, normalized_words, tag_relevance
 
 # Tags as kohya writes them: the trigger in every caption, generic words in many LoRAs.
 POOL_TAGS = [
@@ -35,6 +35,17 @@ def test_a_trigger_in_the_prompt_names_its_lora_and_shared_tags_name_none():
 def test_multi_word_triggers_match_as_whole_words_only():
     assert tag_relevance("a castle, ink wash", POOL_TAGS)[2] > NAMED
     assert tag_relevance("pink washing machine", POOL_TAGS)[2] <= NAMED
+
+
+def test_a_batch_of_prompts_names_loras_per_image_and_an_untagged_pool_names_nothing():
+    named = named_by_prompts(["kiro in ink wash", "mumo, 1girl", "a castle"], POOL_TAGS)
+    assert named.shape == (4, 3) and named.dtype == torch.bool
+    assert named.T.tolist() == [
+        [True, False, True, False],
+        [False, True, False, False],
+        [False, False, False, False],
+    ]
+    assert named_by_prompts(["kiro"], [{}, {}]) is None  # the intrinsic score alone selects
 
 
 def test_tags_are_read_from_kohya_metadata_summed_over_datasets():

@@ -32,9 +32,10 @@ from torch import Tensor
 
 from ..config import LoRAtorioConfig
 from ..lora.binding import BoundLoRA, bind_lora
-from ..lora.files import PICKLE_SUFFIXES, LoRAFile, LoRAFileError, load_lora, read_header
+from ..lora.files import PICKLE_SUFFIXES, LoRAFile, LoRAFileError, load_lora, read_header, tag_frequencies
 from ..lora.keymap import layer_aliases
 from ..lora.runtime import LoRARuntime, evaluate_entries
+from ..relevance import named_by_prompts
 from ..step import Adapter, StepComposer, StepPlan
 
 __all__ = ["GenerationResult", "LoRAtorioDiffusers", "is_sdxl", "load_pipeline"]
@@ -153,6 +154,7 @@ class LoRAtorioDiffusers:
         latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
         latents = latents * scheduler.init_noise_sigma
         composer = StepComposer(self.config)
+        named = self._named(prompts, num_images_per_prompt)
         result = GenerationResult(images=[], latents=latents)
         kept = None
         with ExitStack() as attached:
@@ -162,7 +164,7 @@ class LoRAtorioDiffusers:
                 prompts, negatives, num_images_per_prompt, cfg, (height, width)
             )
             for index, t in enumerate(scheduler.timesteps):
-                plan = composer.plan(index, self.adapters, batch_size=batch, cfg=cfg, kept=kept)
+                plan = composer.plan(index, self.adapters, batch_size=batch, cfg=cfg, kept=kept, named=named)
                 scaled = scheduler.scale_model_input(latents, t)
                 batched = self._entry_inputs(plan, scaled, conditioning)
                 output = evaluate_entries(
@@ -186,6 +188,15 @@ class LoRAtorioDiffusers:
         result.latents = latents
         result.images = self._decode(latents, output_type)
         return result
+
+    def _named(self, prompts: list[str], repeat: int) -> Tensor | None:
+        """(N, B) the LoRAs each image's prompt names by their training tags (kohya
+        ``ss_tag_frequency``), which top-k keeps first; None without top-k or without tags."""
+        if self.config.top_k is None:
+            return None
+        tags = [tag_frequencies(lora.metadata) for lora in self.loras]
+        # diffusers lays out each prompt's images side by side (repeat_interleave order)
+        return named_by_prompts([p for p in prompts for _ in range(repeat)], tags)
 
     # --- conditioning --------------------------------------------------------------------------
 
