@@ -444,3 +444,16 @@ def test_when_nothing_is_composed_no_settings_are_recorded_and_the_user_is_told(
     assert "LoRAtorio" not in result.infotexts[0] and result.infotexts == plain.infotexts
     said = [line for line in capsys.readouterr().err.splitlines() if "nothing composed" in line]
     assert len(said) == 1 and result.comments.startswith("LoRAtorio: nothing composed")
+
+
+def test_the_tab_builds_with_each_forges_gradio(forge):
+    """Forge f2 runs gradio 4.40, which takes typed "name:scale" entries in the tab's multiselect;
+    the ldm_patched Forge runs gradio 3.41.2, which refuses them: there the scales get a textbox."""
+    import gradio
+    from loratorio_extension import tab
+    from modules import script_callbacks
+
+    tabs = script_callbacks.ui_tabs_callback()
+    assert not forge.errors.reported
+    assert [(title, elem_id) for _, title, elem_id in tabs] == [("LoRAtorio", "loratorio_tab")]
+    assert tab.typed_values_in_multiselect(gradio) == (forge.host == "forge")
