@@ -17,6 +17,9 @@ from .args import ARGS, MODE_LABELS, NAMES, PATCH_CHOICES, Settings, from_infote
 from .maps import mean_weights, weight_map_images
 
 TOOLTIPS = {arg.name: arg.help for arg in ARGS}
+# WebUI 1.10 takes a list value of extra_generation_params per image (A1111 47ed9b2d), in the release
+# that gave callbacks their names; before it (A1111 1.6-1.9, old Forge) a list is written whole
+LISTS_PER_IMAGE = "name" in inspect.signature(script_callbacks.on_ui_tabs).parameters
 HOST = hosts.detect()
 SESSION = hosts.session_class(HOST)
 
@@ -107,6 +110,7 @@ class LoRAtorioScript(scripts.Script):
 
     def process(self, p, *args):
         session.stop()  # whatever an interrupted or failed generation left behind
+        self.kept_per_image = []
         values = list(args)
         overrides = getattr(p, "loratorio_overrides", {})  # X/Y/Z axes
         for name, value in overrides.items():
@@ -146,12 +150,21 @@ class LoRAtorioScript(scripts.Script):
         self.process_batch(p)
 
     def postprocess_batch(self, p, *args, **kwargs):
+        self.kept_per_image = []
         active = session.current()
         if active is not None and active.rows is not None and active.rows.kept:
             kept = active.rows.kept
-            p.extra_generation_params[infotext.KEPT] = [
-                infotext.kept_value(kept.get(i, [])) for i in range(len(kept))
-            ]
+            values = [infotext.kept_value(kept.get(i, [])) for i in range(len(kept))]
+            if LISTS_PER_IMAGE:
+                p.extra_generation_params[infotext.KEPT] = values
+            else:
+                self.kept_per_image = values
+
+    def postprocess_image(self, p, pp, *args):
+        """Before WebUI 1.10 the infotext writes a list value whole: each image's own value is set
+        here, just before that image's infotext is made (the grid's then shows the last image's)."""
+        if getattr(self, "kept_per_image", None):
+            p.extra_generation_params[infotext.KEPT] = self.kept_per_image.pop(0)
 
     def postprocess(self, p, processed, *args):
         active = session.current()

@@ -55,6 +55,7 @@ def install(lora_dir, old=False, **model_kwargs):
 
     processing.OLD_FORGE = old
     gradio.__version__ = "3.41.2" if old else "4.40.0"  # f0 (1.8-rc) and f2 (Gradio 4 + WebUI 1.10)
+    processing._a1111.LISTS_PER_IMAGE = not old  # f0 (1.8) writes a list value of the infotext whole
     if old:  # its A1111 (1.8) registers callbacks without names
         script_callbacks.without_names()
     sd_model = FakeForgeSD(old=old, **model_kwargs)
