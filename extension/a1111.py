@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loratorio_core import Adapter
+from loratorio_core import Adapter, eps_from_v, v_from_eps
 from loratorio_core.lora import LayerUpdate
 from loratorio_core.lora.binding import layer_mismatch
 from loratorio_core.rows import RowLabel
@@ -79,16 +79,9 @@ class A1111Session(Session):
                 composed.append(net)
                 layers.append(unet_layers)
         adapters = [Adapter(net.name, float(net.unet_multiplier)) for net in composed]
-        if self.settings.pool:
-            taken = {a.name for a in adapters}
-            try:
-                for adapter, pool_layers in self.pool_layers(networks, unet, taken):
-                    adapters.append(adapter)
-                    layers.append(pool_layers)
-            except ValueError as error:  # a bad pool or LoRA file: fail this generation, clearly
-                self.error = str(error)
-                self._wrap(sd_model)
-                return
+        if not self.add_pool(networks, unet, adapters, layers):
+            self._wrap(sd_model)  # the first UNet call raises the pool's error
+            return
         if not adapters:
             return
         if self.per_lora_text:
@@ -346,24 +339,20 @@ def _dense(net, module) -> LayerUpdate:
 
 
 def _v_conversions(alphas_cumprod: torch.Tensor):
-    """v <-> eps for the model input x at (fractional) timestep t, as k-diffusion interpolates it."""
+    """v <-> eps for the model input x at (fractional) timestep t: t to sigma as k-diffusion
+    interpolates it (log-sigma, linearly), then the core's conversions."""
     log_sigmas = (((1 - alphas_cumprod) / alphas_cumprod) ** 0.5).log()
 
-    def coefficients(inputs):
+    def sigma(inputs) -> torch.Tensor:
         t = inputs["t"].float().to(log_sigmas.device)
         low, high = t.floor().long(), t.ceil().long()
         frac = t - low
-        sigma = ((1 - frac) * log_sigmas[low] + frac * log_sigmas[high]).exp()
-        alpha_bar = 1 / (1 + sigma**2)
-        shape = (-1,) + (1,) * (inputs["x"].dim() - 1)
-        return alpha_bar.sqrt().view(shape), (1 - alpha_bar).sqrt().view(shape)
+        return ((1 - frac) * log_sigmas[low] + frac * log_sigmas[high]).exp()
 
     def to_eps(v, inputs):
-        a, b = coefficients(inputs)
-        return (a.to(v) * v + b.to(v) * inputs["x"].to(v)).to(v.dtype)
+        return eps_from_v(inputs["x"], v, sigma(inputs).to(v.device))
 
     def from_eps(eps, inputs):
-        a, b = coefficients(inputs)
-        return ((eps - b.to(eps) * inputs["x"].to(eps)) / a.to(eps)).to(eps.dtype)
+        return v_from_eps(inputs["x"], eps, sigma(inputs).to(eps.device))
 
     return to_eps, from_eps

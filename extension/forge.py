@@ -1,4 +1,8 @@
-"""LoRAtorio inside Forge: the "backend" Forge (f2) and the ldm_patched Forge (f0) / reForge.
+"""LoRAtorio inside Forge: what the "backend" Forge (f2, ``forge_f2``) and the ldm_patched Forge
+(f0 and reForge, ``forge_f0``) share. Each of those modules holds one Forge's own ways (how its
+patchers keep LoRA patches, how it merges one, where its sampling and memory functions live); the
+row labelling (``row_labels``) and the x0 <-> eps of its model calls (``x0_to_eps``, ``eps_to_x0``)
+are host-neutral enough for any host with Forge's (ComfyUI's) model-function wrapper.
 
 How it hooks in (Forge resets ``sd_model.forge_objects`` before every sampling pass, so nothing
 here outlives a pass except the runtime's hooks, which ``close`` removes):
@@ -30,11 +34,10 @@ import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from loratorio_core import Adapter, StepComposer
+from loratorio_core import Adapter, StepComposer, denoised_from_eps, eps_from_denoised
 from loratorio_core.lora import LayerUpdate
 from loratorio_core.lora.binding import layer_mismatch
 from loratorio_core.rows import RowLabel
@@ -46,7 +49,8 @@ UNET_PREFIX, WEIGHT = "diffusion_model.", ".weight"
 
 @dataclass
 class ForgeSession(Session):
-    """A generation in Forge: the UNet patchers it made, each with its wrapper."""
+    """A generation in Forge: the UNet patchers it made, each with its wrapper. A base: each Forge's
+    module (``forge_f2``, ``forge_f0``) fills in the methods that raise NotImplementedError."""
 
     p: object = None
     ours: list = field(default_factory=list)  # the patchers this generation made (compared by identity)
@@ -76,21 +80,13 @@ class ForgeSession(Session):
             adapters.append(Adapter(name, scale))
             layers.append(unet_layers)
             markers.append(marker)
-        if self.settings.pool:
-            networks = sys.modules.get("networks")
-            taken = {a.name for a in adapters}
-            try:
-                for adapter, pool_layers in self.pool_layers(networks, model, taken):
-                    adapters.append(adapter)
-                    layers.append(pool_layers)
-            except ValueError as error:  # a bad pool or LoRA file: fail this generation, clearly
-                self.error = str(error)
-                self._install(p, clone, None)
-                return
+        if not self.add_pool(sys.modules.get("networks"), model, adapters, layers):
+            self._install(p, clone, None)  # the first UNet call raises the pool's error
+            return
         if not adapters:
             return
         if self.per_lora_text and markers:
-            self.text = _encode_per_adapter(p, markers)
+            self.text = self._encode_per_adapter(p, markers)
         self.compose(p, model, adapters, layers)
         self._reserve_memory(clone, layers)
         clone.add_sampler_pre_cfg_function(self._record_conds())
@@ -115,49 +111,29 @@ class ForgeSession(Session):
     # --- the prompt's LoRAs, out of Forge's patches -------------------------------------------------
 
     def _take_prompt_loras(self, clone, modules: dict):
-        """(name, scale, UNet layers) of each LoRA taken out of the clone's patches."""
-        names = _network_names()
-        if hasattr(clone, "lora_patches"):  # f2: {(file, strength, strength_model, online): {key: entries}}
-            for key in list(clone.lora_patches):
-                filename, strength = key[0], float(key[1])
-                name = names.get(filename, Path(str(filename)).stem)
-                layers, problem = self._layers(clone, modules, clone.lora_patches[key], strength)
-                if problem:
-                    self.warn(f"{name}: {problem}; merged by Forge as usual instead of composed")
-                    continue
-                if layers:
-                    del clone.lora_patches[key]  # the clone's own dict: the shared originals stay
-                    yield name, strength, layers, filename
-            return
-        yield from self._take_old_forge_loras(clone, modules, names)
+        """(name, scale, UNet layers, marker) of each prompt LoRA taken out of the clone's patches,
+        so Forge does not merge it; the marker finds its patches again (``_drop_patches``)."""
+        raise NotImplementedError
 
-    def _take_old_forge_loras(self, clone, modules: dict, names: dict):
-        """f0 keeps one list of (strength, patch, strength_model) per parameter, all LoRAs mixed: a
-        LoRA's entries are the ones holding its state dict's tensors (the built-in caches them)."""
-        networks = sys.modules.get("networks")
-        for net in list(getattr(networks, "loaded_networks", [])):
-            filename = net.network_on_disk.filename
-            tensors = networks.load_lora_state_dict(filename)
-            own = {id(t) for t in tensors.values()}
-            entries, strengths = {}, set()
-            for key, patches in clone.patches.items():
-                mine = [e for e in patches if any(id(t) in own for t in _patch_tensors(e[1]))]
-                if mine:
-                    entries[key] = [[e[0], e[1], e[2], None, None] for e in mine]
-                    strengths.update(float(e[0]) for e in mine)
-            name = names.get(filename, net.name)
-            if not entries:
-                continue
-            if len(strengths) != 1:
-                self.warn(f"{name}: its layers carry different strengths; merged by Forge as usual")
-                continue
-            strength = strengths.pop()
-            layers, problem = self._layers(clone, modules, entries, strength)
-            if problem:
-                self.warn(f"{name}: {problem}; merged by Forge as usual instead of composed")
-                continue
-            _drop_patches(clone, frozenset(own))
-            yield name, strength, layers, frozenset(own)
+    def _drop_patches(self, patcher, marker) -> None:
+        """Take one LoRA's patches (``marker``) out of a cloned patcher."""
+        raise NotImplementedError
+
+    def _load(self, patcher) -> None:
+        """Load a patcher as Forge does before using it (its LoRAs merged into the shared model)."""
+        raise NotImplementedError
+
+    def _calc_cond_uncond_batch(self):
+        """This Forge's ``calc_cond_uncond_batch``."""
+        raise NotImplementedError
+
+    def _unmerged_weight(self, clone, key: str, module) -> torch.Tensor:
+        """A layer's weight without any LoRA merged into it."""
+        return module.weight
+
+    def _merged_weight(self, clone, key: str, patch, ratio: float, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with one patch merged at ``ratio``, by Forge's own merge."""
+        raise NotImplementedError
 
     def _layers(self, clone, modules: dict, entries: dict, strength: float):
         """Forge's patch entries of one LoRA as the runtime's updates (module name -> update)."""
@@ -193,17 +169,39 @@ class ForgeSession(Session):
 
     def _dense(self, clone, key, module, patch, entry_strength: float, strength: float) -> LayerUpdate:
         """LoHa, LoKr, full diff...: Forge's own delta of that patch, on the unmerged weight."""
-        original = clone.model.lora_loader.backup.get(key) if hasattr(clone.model, "lora_loader") else None
-        weight = (original if original is not None else module.weight).detach().float()
+        weight = self._unmerged_weight(clone, key, module).detach().float()
         ratio = entry_strength / strength if strength else 1.0
         with torch.no_grad():
-            if hasattr(clone, "lora_patches"):
-                from backend.patcher.lora import merge_lora_to_weight
-
-                merged = merge_lora_to_weight([[ratio, patch, 1.0, None, None]], weight.clone(), key)
-            else:
-                merged = clone.calculate_weight([(ratio, patch, 1.0)], weight.clone(), key)
+            merged = self._merged_weight(clone, key, patch, ratio, weight.clone())
         return LayerUpdate(dense=(merged.float() - weight).to(weight.device))
+
+    # --- per-LoRA text -----------------------------------------------------------------------------
+
+    def _encode_per_adapter(self, p, markers: list) -> dict:
+        """The pass's prompts encoded with no composed LoRA's text-encoder patches (key None) and with each
+        one's alone (key: its index), by the host's own code, on CLIP clones; the host's CLIP is put
+        back and loaded again afterwards, so its text encoder's weights are as they were."""
+        objects = p.sd_model.forge_objects
+        clip = objects.clip
+
+        @contextmanager
+        def only(keep):
+            variant = clip.clone()
+            for marker in markers:
+                if marker is not keep:
+                    self._drop_patches(variant.patcher, marker)
+            objects.clip = variant
+            try:
+                yield
+            finally:
+                objects.clip = clip
+
+        variants = {None: lambda: only(None)}
+        variants.update({i: (lambda marker=marker: only(marker)) for i, marker in enumerate(markers)})
+        try:
+            return encode_variants(p, variants)
+        finally:
+            self._load(clip.patcher)
 
     # --- memory -------------------------------------------------------------------------------------
 
@@ -273,10 +271,7 @@ class ForgeSession(Session):
         """Forge's own calc_cond_uncond_batch over this evaluation's cond chunks only (its memory
         check splits them as it would); each call comes back through the wrapper, which composes
         the rows and keeps them in ``cond_done``."""
-        if hasattr(self.ours[-1], "lora_patches"):
-            from backend.sampling.sampling_function import calc_cond_uncond_batch
-        else:
-            from ldm_patched.modules.samplers import calc_cond_uncond_batch
+        calc_cond_uncond_batch = self._calc_cond_uncond_batch()
         model, cond, x, timestep, model_options = self.step_conds
         self.step_conds = None  # once per evaluation
         calc_cond_uncond_batch(model, cond, None, x, timestep, model_options)
@@ -348,7 +343,7 @@ class ForgeSession(Session):
 
     def _compose(self, apply_model, input, timestep, c):
         options = c.get("transformer_options") or {}
-        labels = _labels(input.shape[0], options)
+        labels = row_labels(input.shape[0], options)
         step = sampler_step(self.p.sampler.model_wrap_cfg)
         rest = {key: value for key, value in c.items() if key != "transformer_options"}
         mark = torch.tensor([float(label.branch == "uncond") for label in labels])
@@ -388,8 +383,8 @@ class ForgeSession(Session):
             inputs,
             labels,
             step,
-            to_eps=_x0_to_eps,
-            from_eps=_eps_to_x0,
+            to_eps=x0_to_eps,
+            from_eps=eps_to_x0,
             adapter_inputs=adapter_inputs,
             known=known,
         )
@@ -400,7 +395,7 @@ class ForgeSession(Session):
         return output
 
 
-def _labels(rows: int, options: dict) -> list[RowLabel]:
+def row_labels(rows: int, options: dict) -> list[RowLabel]:
     """Each row's branch and image. Forge's call holds chunks of B rows (one per image), chunk i
     cond (0) or uncond (1) as ``cond_or_uncond[i]`` says; a wrapper that batches tiles repeats that
     whole layout, and each tile's rows count as images of their own (their weights are their own)."""
@@ -426,69 +421,14 @@ def _labels(rows: int, options: dict) -> list[RowLabel]:
     return labels
 
 
-def _sigma(inputs, like: torch.Tensor) -> torch.Tensor:
-    sigma = inputs["timestep"].to(like)
-    return sigma.view(-1, *([1] * (like.dim() - 1)))
+def x0_to_eps(x0: torch.Tensor, inputs) -> torch.Tensor:
+    """Forge's apply_model returns x0 for every prediction type, and its timestep is the per-row
+    sigma: the core's conversion on x = x0 + sigma * eps (in x0's dtype, as the rows combine)."""
+    return eps_from_denoised(inputs["input"].to(x0), x0, inputs["timestep"])
 
 
-def _x0_to_eps(x0: torch.Tensor, inputs) -> torch.Tensor:
-    """Forge's apply_model returns x0 for every prediction type; x = x0 + sigma * eps."""
-    return (inputs["input"].to(x0) - x0) / _sigma(inputs, x0)
-
-
-def _eps_to_x0(eps: torch.Tensor, inputs) -> torch.Tensor:
-    return inputs["input"].to(eps) - _sigma(inputs, eps) * eps
-
-
-def _encode_per_adapter(p, markers: list) -> dict:
-    """The pass's prompts encoded with no composed LoRA's text-encoder patches (key None) and with each
-    one's alone (key: its index), by the host's own code, on CLIP clones; the host's CLIP is put
-    back and loaded again afterwards, so its text encoder's weights are as they were."""
-    objects = p.sd_model.forge_objects
-    clip = objects.clip
-
-    @contextmanager
-    def only(keep):
-        variant = clip.clone()
-        for marker in markers:
-            if marker is not keep:
-                _drop_patches(variant.patcher, marker)
-        objects.clip = variant
-        try:
-            yield
-        finally:
-            objects.clip = clip
-
-    variants = {None: lambda: only(None)}
-    variants.update({i: (lambda marker=marker: only(marker)) for i, marker in enumerate(markers)})
-    try:
-        return encode_variants(p, variants)
-    finally:
-        _load(clip.patcher)
-
-
-def _drop_patches(patcher, marker) -> None:
-    """Take one LoRA's patches out of a (cloned) patcher: f2 by its file (a ``lora_patches`` key),
-    f0 by its tensors (entries of the per-parameter lists, which a clone copies)."""
-    if hasattr(patcher, "lora_patches"):
-        for key in [k for k in patcher.lora_patches if k[0] == marker]:
-            del patcher.lora_patches[key]
-        return
-    for key in list(patcher.patches):
-        kept = [e for e in patcher.patches[key] if not any(id(t) in marker for t in _patch_tensors(e[1]))]
-        if kept:
-            patcher.patches[key] = kept
-        else:
-            del patcher.patches[key]
-
-
-def _load(patcher) -> None:
-    """Load a patcher as Forge does before using it (its LoRAs merged into the shared model)."""
-    if hasattr(patcher, "lora_patches"):
-        from backend import memory_management
-    else:
-        from ldm_patched.modules import model_management as memory_management
-    memory_management.load_model_gpu(patcher)
+def eps_to_x0(eps: torch.Tensor, inputs) -> torch.Tensor:
+    return denoised_from_eps(inputs["input"].to(eps), eps, inputs["timestep"])
 
 
 def _part_rows(composition) -> list[list[int]]:
@@ -522,12 +462,7 @@ def _same_text(block: torch.Tensor, text) -> bool:
     return rows.shape == block.shape and torch.equal(rows, block)
 
 
-def _patch_tensors(patch) -> list[torch.Tensor]:
-    _, values = patch
-    return [t for t in values if isinstance(t, torch.Tensor)]
-
-
-def _network_names() -> dict[str, str]:
+def network_names() -> dict[str, str]:
     """File path -> the name the prompt used, from the built-in's loaded networks."""
     networks = sys.modules.get("networks")
     names = {}

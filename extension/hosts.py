@@ -29,6 +29,10 @@ def session_class(host: str):
         from .a1111 import A1111Session
 
         return A1111Session
-    from .forge import ForgeSession
+    if host == FORGE:
+        from .forge_f2 import Forge2Session
 
-    return ForgeSession
+        return Forge2Session
+    from .forge_f0 import Forge0Session
+
+    return Forge0Session

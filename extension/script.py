@@ -17,6 +17,9 @@ from .args import ARGS, MODE_LABELS, NAMES, PATCH_CHOICES, Settings, from_infote
 from .maps import mean_weights, weight_map_images
 
 TOOLTIPS = {arg.name: arg.help for arg in ARGS}
+# WebUI 1.10 takes a list value of extra_generation_params per image (A1111 47ed9b2d), in the release
+# that gave callbacks their names; before it (A1111 1.6-1.9, old Forge) a list is written whole
+LISTS_PER_IMAGE = "name" in inspect.signature(script_callbacks.on_ui_tabs).parameters
 HOST = hosts.detect()
 SESSION = hosts.session_class(HOST)
 
@@ -41,59 +44,9 @@ class LoRAtorioScript(scripts.Script):
                     choices=list(MODE_LABELS), value=defaults.mode, label="Mode", elem_id=self.elem_id("mode")
                 )
             with gr.Row():
-                # a fraction of the latent's side (each pass its own size) or absolute latent pixels
-                patch_size = gr.Dropdown(
-                    choices=PATCH_CHOICES,
-                    value=defaults.patch_size,
-                    allow_custom_value=True,
-                    label="Patch size",
-                    elem_id=self.elem_id("patch_size"),
-                )
-                temperature = gr.Slider(
-                    0.001,
-                    10.0,
-                    step=0.001,
-                    value=defaults.temperature,
-                    label="Temperature",
-                    elem_id=self.elem_id("temperature"),
-                )
-                recenter = gr.Slider(
-                    0.0,
-                    1.0,
-                    step=0.05,
-                    value=defaults.recenter,
-                    label="Re-centering (lam)",
-                    elem_id=self.elem_id("recenter"),
-                )
+                patch_size, temperature, recenter = self._method_controls(defaults)
             with gr.Row():
-                # Named pools from the LoRAtorio tab to pick, or a folder / LoRA names typed in.
-                pool = gr.Dropdown(
-                    choices=[""] + tab.pool_names(),
-                    value="",
-                    allow_custom_value=True,
-                    label="Pool (folder or named pool)",
-                    elem_id=self.elem_id("pool"),
-                )
-                refresh = ToolButton(value="\U0001f504", elem_id=self.elem_id("pool_refresh"))
-                refresh.click(
-                    fn=lambda: gr.update(choices=[""] + tab.pool_names()), inputs=[], outputs=[pool]
-                )
-                top_k = gr.Slider(
-                    minimum=0,
-                    maximum=16,
-                    step=1,
-                    value=0,
-                    label="Top-k (0: all)",
-                    elem_id=self.elem_id("top_k"),
-                )
-                reselect_every = gr.Slider(
-                    1,
-                    50,
-                    step=1,
-                    value=defaults.reselect_every,
-                    label="Reselect every",
-                    elem_id=self.elem_id("reselect_every"),
-                )
+                pool, top_k, reselect_every = self._pool_controls(defaults)
             show_maps = gr.Checkbox(value=False, label="Show weight maps", elem_id=self.elem_id("show_maps"))
         controls = [enabled, mode, patch_size, temperature, recenter, pool, top_k, reselect_every, show_maps]
         self.infotext_fields = [
@@ -102,8 +55,62 @@ class LoRAtorioScript(scripts.Script):
         self.paste_field_names = [arg.infotext for arg in ARGS if arg.infotext]
         return controls
 
+    def _method_controls(self, defaults: Settings) -> tuple:
+        """Patch size, temperature and re-centering, in the row ``ui`` opened."""
+        # a fraction of the latent's side (each pass its own size) or absolute latent pixels
+        patch_size = gr.Dropdown(
+            choices=PATCH_CHOICES,
+            value=defaults.patch_size,
+            allow_custom_value=True,
+            label="Patch size",
+            elem_id=self.elem_id("patch_size"),
+        )
+        temperature = gr.Slider(
+            0.001,
+            10.0,
+            step=0.001,
+            value=defaults.temperature,
+            label="Temperature",
+            elem_id=self.elem_id("temperature"),
+        )
+        recenter = gr.Slider(
+            0.0,
+            1.0,
+            step=0.05,
+            value=defaults.recenter,
+            label="Re-centering (lam)",
+            elem_id=self.elem_id("recenter"),
+        )
+        return patch_size, temperature, recenter
+
+    def _pool_controls(self, defaults: Settings) -> tuple:
+        """Pool (with its refresh button), top-k and reselect-every, in the row ``ui`` opened."""
+        # Named pools from the LoRAtorio tab to pick, or a folder / LoRA names typed in.
+        pool = gr.Dropdown(
+            choices=[""] + tab.pool_names(),
+            value="",
+            allow_custom_value=True,
+            label="Pool (folder or named pool)",
+            elem_id=self.elem_id("pool"),
+        )
+        refresh = ToolButton(value="\U0001f504", elem_id=self.elem_id("pool_refresh"))
+        refresh.click(fn=lambda: gr.update(choices=[""] + tab.pool_names()), inputs=[], outputs=[pool])
+        top_k = gr.Slider(
+            minimum=0, maximum=16, step=1, value=0, label="Top-k (0: all)", elem_id=self.elem_id("top_k")
+        )
+        reselect_every = gr.Slider(
+            1,
+            50,
+            step=1,
+            value=defaults.reselect_every,
+            label="Reselect every",
+            elem_id=self.elem_id("reselect_every"),
+        )
+        return pool, top_k, reselect_every
+
     def process(self, p, *args):
         session.stop()  # whatever an interrupted or failed generation left behind
+        self.kept_per_image = []
         values = list(args)
         overrides = getattr(p, "loratorio_overrides", {})  # X/Y/Z axes
         for name, value in overrides.items():
@@ -143,12 +150,21 @@ class LoRAtorioScript(scripts.Script):
         self.process_batch(p)
 
     def postprocess_batch(self, p, *args, **kwargs):
+        self.kept_per_image = []
         active = session.current()
         if active is not None and active.rows is not None and active.rows.kept:
             kept = active.rows.kept
-            p.extra_generation_params[infotext.KEPT] = [
-                infotext.kept_value(kept.get(i, [])) for i in range(len(kept))
-            ]
+            values = [infotext.kept_value(kept.get(i, [])) for i in range(len(kept))]
+            if LISTS_PER_IMAGE:
+                p.extra_generation_params[infotext.KEPT] = values
+            else:
+                self.kept_per_image = values
+
+    def postprocess_image(self, p, pp, *args):
+        """Before WebUI 1.10 the infotext writes a list value whole: each image's own value is set
+        here, just before that image's infotext is made (the grid's then shows the last image's)."""
+        if getattr(self, "kept_per_image", None):
+            p.extra_generation_params[infotext.KEPT] = self.kept_per_image.pop(0)
 
     def postprocess(self, p, processed, *args):
         active = session.current()

@@ -1,10 +1,11 @@
 """One generation with LoRAtorio on, whatever the host: what it set up, so that all of it can be put
 back, and the module-level entry points the script and callbacks call.
 
-A host's session (``a1111.A1111Session``, ``forge.ForgeSession``) finds the LoRAs to compose at the
-start of every sampling pass (``begin_pass``), hands them to ``compose`` (per-row runtime on the
-host's UNet + a ``RowComposer`` over the host's labelled CFG rows), routes the host's UNet calls
-through it, and undoes everything in ``close``.
+A host's session (``a1111.A1111Session``, ``forge_f2.Forge2Session``, ``forge_f0.Forge0Session``)
+finds the LoRAs to compose at the start of every sampling pass (``begin_pass``), hands them to
+``compose`` (per-row runtime on the host's UNet + a ``RowComposer`` over the host's labelled CFG
+rows), routes the host's UNet calls through it, and undoes everything in ``close``. What all hosts
+do alike lives here (the pool's LoRAs: ``add_pool``).
 """
 
 from __future__ import annotations
@@ -80,6 +81,22 @@ class Session:
         self.passes.append((getattr(p, "iteration", 0), self.rows))
         self.batch_size = getattr(p, "batch_size", 1)
         p.extra_generation_params.update(self.settings.infotext())  # recorded only once composed
+
+    def add_pool(self, networks, unet, adapters: list[Adapter], layers: list) -> bool:
+        """Append the pool's LoRAs that the prompt did not bring to ``adapters`` and ``layers``.
+        False on a bad pool or LoRA file: the error is kept, and the host fails this generation
+        with it at the first UNet call (nothing is attached yet, so the model is as it was)."""
+        if not self.settings.pool:
+            return True
+        taken = {a.name for a in adapters}
+        try:
+            for adapter, pool_layers in self.pool_layers(networks, unet, taken):
+                adapters.append(adapter)
+                layers.append(pool_layers)
+        except ValueError as error:
+            self.error = str(error)
+            return False
+        return True
 
     def pool_layers(
         self, networks, unet, taken: set[str]

@@ -6,7 +6,7 @@ sampler) call in; nothing here imports them.
 """
 
 from .config import MODES, UPSAMPLE_MODES, WEIGHTINGS, LoRAtorioConfig
-from .guidance import denoised_from_eps, eps_from_denoised, guided, recentered_uncond
+from .guidance import denoised_from_eps, eps_from_denoised, eps_from_v, guided, recentered_uncond, v_from_eps
 from .step import Adapter, CondResult, Row, StepComposer, StepPlan, StepResult
 from .weighting import (
     compose,
@@ -35,6 +35,7 @@ __all__ = [
     "compose",
     "denoised_from_eps",
     "eps_from_denoised",
+    "eps_from_v",
     "guided",
     "mean_divergence",
     "patch_cosine_similarity",
@@ -44,4 +45,5 @@ __all__ = [
     "select_top_k",
     "softmin_weights",
     "upsample_weights",
+    "v_from_eps",
 ]

@@ -1,8 +1,11 @@
 """Classifier-free guidance, the re-centered unconditional branch, and prediction spaces.
 
 All similarity work happens on noise (epsilon) predictions. Hosts that work in denoised (x0)
-space convert with ``eps_from_denoised`` and back with ``denoised_from_eps``: the composition
-weights sum to 1, so composing eps and composing the matching x0 give the same result.
+space convert with ``eps_from_denoised`` and back with ``denoised_from_eps``, and hosts of
+v-prediction models with ``eps_from_v`` and ``v_from_eps``: each is affine in the prediction and
+the composition weights sum to 1, so composing eps and composing the matching x0 (or v) give the
+same result. All four work in k-diffusion's sigma space (alpha-bar = 1 / (1 + sigma^2)), which is
+where every host keeps its noise level; these are the only copies of these formulas.
 """
 
 from __future__ import annotations
@@ -70,10 +73,40 @@ def denoised_from_eps(x: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
     return x - _per_sample(sigma, x) * eps
 
 
-def _per_sample(sigma: Tensor | float, x: Tensor) -> Tensor:
-    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+def eps_from_v(x: Tensor, v: Tensor, sigma: Tensor | float) -> Tensor:
+    """A v-prediction to the noise prediction: sqrt(a) v + sqrt(1 - a) x, alpha-bar a = 1 / (1 + sigma^2).
+
+    x is the model's input, the noisy latent in variance-preserving scale (sqrt(a) x0 + sqrt(1 - a) eps:
+    k-diffusion's x times c_in = 1 / sqrt(1 + sigma^2), or a diffusers scheduler's scaled sample);
+    v = sqrt(a) eps - sqrt(1 - a) x0. x, v (B, C, H, W); sigma a number or (B,) per sample (>= 0).
+    The result has v's dtype.
+    """
+    a, b = _vp_coefficients(sigma, v)
+    return (a * v + b * x.to(v)).to(v.dtype)
+
+
+def v_from_eps(x: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
+    """The inverse of ``eps_from_v``: (eps - sqrt(1 - a) x) / sqrt(a). The result has eps's dtype."""
+    a, b = _vp_coefficients(sigma, eps)
+    return ((eps - b * x.to(eps)) / a).to(eps.dtype)
+
+
+def _vp_coefficients(sigma: Tensor | float, like: Tensor) -> tuple[Tensor, Tensor]:
+    """(sqrt(a), sqrt(1 - a)) for alpha-bar a = 1 / (1 + sigma^2), per sample, in ``like``'s dtype
+    (computed in float32 at least: sigma^2 reaches ~200 on SD's schedule, too coarse in half)."""
+    exact = torch.promote_types(like.dtype, torch.float32)
+    sigma = _per_sample(sigma, like, exact)
+    alpha_bar = 1 / (1 + sigma**2)
+    return alpha_bar.sqrt().to(like.dtype), (1 - alpha_bar).sqrt().to(like.dtype)
+
+
+def _per_sample(sigma: Tensor | float, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """sigma as a tensor (``dtype``, default x's) that broadcasts over x's samples."""
+    sigma = torch.as_tensor(sigma, dtype=dtype or x.dtype, device=x.device)
     if sigma.dim() == 0:
         return sigma
-    if sigma.dim() != 1 or sigma.shape[0] != x.shape[0]:
-        raise ValueError(f"sigma must be a number or (B,) = ({x.shape[0]},); got shape {tuple(sigma.shape)}")
+    if sigma.dim() != 1 or sigma.shape[0] not in (1, x.shape[0]):
+        raise ValueError(
+            f"sigma must be a number, (1,) or (B,) = ({x.shape[0]},); got shape {tuple(sigma.shape)}"
+        )
     return sigma.reshape(-1, *([1] * (x.dim() - 1)))

@@ -712,7 +712,13 @@ def test_the_tab_builds_names_pools_and_shows_trigger_words(webui, tmp_path, mon
     assert tab.save("knights", []).startswith("No pools yet")  # an empty choice deletes it
     assert tab.save("  ", ["l0"]) == "**a pool needs a name**"
     tabs = script_callbacks.ui_tabs_callback()
+    assert not webui.errors.reported  # the tab built: gradio 3 did not refuse a component
     assert [(title, elem_id) for _, title, elem_id in tabs] == [("LoRAtorio", "loratorio_tab")]
+    # gradio 3.41.2 (A1111 1.10) refuses typed entries in a multiselect dropdown: the scales are
+    # typed in a textbox beside it, and take the place of the chosen entry of their name
+    assert tab.save("knights", ["tagged", "l0"], "l0:0.5, l1:2") == "- **knights**: tagged, l0:0.5, l1:2"
+    assert tab.save("knights", ["l0"], "l0:y") == "**'l0:y': 'y' is not a scale (write NAME:0.8)**"
+    assert pools.read_pools() == {"knights": ["tagged", "l0:0.5", "l1:2"]}
 
 
 def test_api_alwayson_args_take_defaults_for_what_is_missing(webui):

@@ -444,3 +444,27 @@ def test_when_nothing_is_composed_no_settings_are_recorded_and_the_user_is_told(
     assert "LoRAtorio" not in result.infotexts[0] and result.infotexts == plain.infotexts
     said = [line for line in capsys.readouterr().err.splitlines() if "nothing composed" in line]
     assert len(said) == 1 and result.comments.startswith("LoRAtorio: nothing composed")
+
+
+def test_the_tab_builds_with_each_forges_gradio(forge):
+    """Forge f2 runs gradio 4.40, which takes typed "name:scale" entries in the tab's multiselect;
+    the ldm_patched Forge runs gradio 3.41.2, which refuses them: there the scales get a textbox."""
+    import gradio
+    from loratorio_extension import tab
+    from modules import script_callbacks
+
+    tabs = script_callbacks.ui_tabs_callback()
+    assert not forge.errors.reported
+    assert [(title, elem_id) for _, title, elem_id in tabs] == [("LoRAtorio", "loratorio_tab")]
+    assert tab.typed_values_in_multiselect(gradio) == (forge.host == "forge")
+
+
+def test_each_image_of_a_batch_records_the_loras_it_kept(forge):
+    """Forge f2's create_infotext (WebUI 1.10) picks a list value per image; old Forge's (1.8)
+    writes a list whole, so there each image's own value is set just before its infotext is made."""
+    pool = [True, "LoRAtorio", 2, 0.05, 0.5, "l0, l1, l2", 2, 1, False]
+    result, _ = generate(forge, "a cat", pool, batch_size=2, steps=2)
+    values = [info.split("LoRAtorio kept: ")[1].split("\n")[0] for info in result.infotexts]
+    assert len(values) == 2
+    for value in values:  # two names of the pool, not a list of every image's
+        assert "[" not in value and len(value.split(", ")) == 2 and set(value.split(", ")) <= {"l0", "l1", "l2"}

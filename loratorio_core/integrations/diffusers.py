@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..config import LoRAtorioConfig
+from ..guidance import denoised_from_eps, eps_from_denoised, eps_from_v, v_from_eps
 from ..lora.binding import BoundLoRA, bind_lora
 from ..lora.files import PICKLE_SUFFIXES, LoRAFile, LoRAFileError, load_lora, read_header, tag_frequencies
 from ..lora.keymap import layer_aliases
@@ -291,8 +292,8 @@ def _prediction_space(scheduler, t, index: int) -> tuple[Callable, Callable]:
     """(model output -> eps, eps -> model output) for the scheduler's prediction type.
 
     Both use the model's own input x (the scaled latent, sqrt(a) x0 + sqrt(1 - a) eps) and the
-    step's alpha-bar a: from the sigma the scheduler uses when it has one, else from the
-    schedule at timestep t.
+    step's noise level: the sigma the scheduler uses when it has one, else the one of its schedule's
+    alpha-bar a at timestep t (sigma^2 = (1 - a) / a); the conversions are the core's.
     """
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -301,14 +302,18 @@ def _prediction_space(scheduler, t, index: int) -> tuple[Callable, Callable]:
     step_index = getattr(scheduler, "step_index", None)
     if sigmas is not None and step_index is not None:
         sigma = float(sigmas[step_index])
-        alpha_bar = 1.0 / (1.0 + sigma * sigma)
     else:
         alpha_bar = float(scheduler.alphas_cumprod[int(t)])
-    a, b = alpha_bar**0.5, (1.0 - alpha_bar) ** 0.5
+        sigma = ((1.0 - alpha_bar) / alpha_bar) ** 0.5
     if kind == "v_prediction":
-        return (lambda v, x: a * v + b * x), (lambda eps, x: (eps - b * x) / a)
+        return (lambda v, x: eps_from_v(x, v, sigma)), (lambda eps, x: v_from_eps(x, eps, sigma))
     if kind == "sample":
-        return (lambda x0, x: (x - a * x0) / b), (lambda eps, x: (x - b * eps) / a)
+        # x0 <-> eps are written for k-diffusion's unscaled latent: x * sqrt(1 + sigma^2)
+        unscaled = (1.0 + sigma * sigma) ** 0.5
+        return (
+            (lambda x0, x: eps_from_denoised(x * unscaled, x0, sigma)),
+            (lambda eps, x: denoised_from_eps(x * unscaled, eps, sigma)),
+        )
     raise ValueError(f"scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
 
 

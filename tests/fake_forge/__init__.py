@@ -46,6 +46,7 @@ def install(lora_dir, old=False, **model_kwargs):
     for path in reversed(paths):
         sys.path.insert(0, path)
     import extra_networks_lora
+    import gradio
     import networks
     from backend import memory_management
     from modules import errors, extra_networks, paths_internal, processing, script_callbacks, shared
@@ -53,6 +54,8 @@ def install(lora_dir, old=False, **model_kwargs):
     from fake_forge.model import FakeForgeSD
 
     processing.OLD_FORGE = old
+    gradio.__version__ = "3.41.2" if old else "4.40.0"  # f0 (1.8-rc) and f2 (Gradio 4 + WebUI 1.10)
+    processing._a1111.LISTS_PER_IMAGE = not old  # f0 (1.8) writes a list value of the infotext whole
     if old:  # its A1111 (1.8) registers callbacks without names
         script_callbacks.without_names()
     sd_model = FakeForgeSD(old=old, **model_kwargs)

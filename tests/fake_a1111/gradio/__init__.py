@@ -1,4 +1,8 @@
-"""Just enough of gradio for a script's ui() to build its components outside a browser."""
+"""Just enough of gradio for a script's ui() to build its components outside a browser. The
+version is A1111 1.10.1's (the fake Forge f2 sets its own, 4.40.0); where the versions differ in
+what a component accepts, the fake refuses what that version refuses."""
+
+__version__ = "3.41.2"
 
 
 class Component:
@@ -34,6 +38,8 @@ class Number(Component):
 
 class Dropdown(Component):
     def __init__(self, choices=None, value=None, **kwargs):
+        if kwargs.get("multiselect") and kwargs.get("allow_custom_value") and __version__.startswith("3."):
+            raise ValueError("Custom values are not supported when `multiselect` is True.")  # gradio 3.41.2
         super().__init__(value, choices=choices, **kwargs)
 
 

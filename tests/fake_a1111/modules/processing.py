@@ -1,11 +1,12 @@
 """modules.processing: the per-batch order of hooks, extra networks, conds, sampling, hires, infotext,
 and the grid A1111 puts before the images."""
 
+import json
 import math
 
 import torch
 import torch.nn.functional as F
-from modules import extra_networks, prompt_parser, sd_samplers_kdiffusion, shared
+from modules import extra_networks, prompt_parser, scripts, sd_samplers_kdiffusion, shared
 
 
 class Processed:
@@ -177,6 +178,9 @@ class StableDiffusionProcessingImg2Img(StableDiffusionProcessing):
         )
 
 
+LISTS_PER_IMAGE = True  # WebUI 1.10 takes a list value per image; before it (1.8: old Forge) it is written whole
+
+
 def create_infotext(p, index):
     params = {
         "Steps": p.steps,
@@ -186,8 +190,11 @@ def create_infotext(p, index):
         "Size": f"{p.width}x{p.height}",
         **p.extra_generation_params,
     }
-    # as create_infotext: a list value holds one entry per image of the batch
-    params = {k: (v[index % len(v)] if isinstance(v, list) else v) for k, v in params.items()}
+    # as create_infotext (1.10): a list value holds one entry per image of the batch; 1.8 quotes it whole
+    if LISTS_PER_IMAGE:
+        params = {k: (v[index % len(v)] if isinstance(v, list) else v) for k, v in params.items()}
+    else:
+        params = {k: (json.dumps(v) if isinstance(v, list) else v) for k, v in params.items()}
     text = ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
     return f"{p.all_prompts[index]}\nNegative prompt: {p.all_negative_prompts[index]}\n{text}"
 
@@ -219,6 +226,7 @@ def process_images(p):
             samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds)
             p.scripts.postprocess_batch(p, samples, batch_number=n)
             for i in range(samples.shape[0]):
+                p.scripts.postprocess_image(p, scripts.PostprocessImageArgs(samples[i]))
                 images.append(samples[i])
                 infotexts.append(create_infotext(p, n * p.batch_size + i))
     if not p.disable_extra_networks and p.extra_network_data:

@@ -14,6 +14,11 @@ def basedir():
     return _current_basedir
 
 
+class PostprocessImageArgs:
+    def __init__(self, image):
+        self.image = image
+
+
 class Script:
     name = None
     filename = None
@@ -50,6 +55,9 @@ class Script:
         pass
 
     def postprocess_batch(self, p, *args, **kwargs):
+        pass
+
+    def postprocess_image(self, p, pp, *args):
         pass
 
     def postprocess(self, p, processed, *args):
@@ -110,6 +118,13 @@ class ScriptRunner:
 
     def postprocess_batch(self, p, images, **kwargs):
         self._run("postprocess_batch", p, images=images, **kwargs)
+
+    def postprocess_image(self, p, pp):
+        for script in self.alwayson_scripts:
+            try:
+                script.postprocess_image(p, pp, *p.script_args[script.args_from : script.args_to])
+            except Exception:
+                errors.report(f"Error running postprocess_image: {script.filename}", exc_info=True)
 
     def before_hr(self, p):
         self._run("before_hr", p)

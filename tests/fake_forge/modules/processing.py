@@ -6,7 +6,7 @@ objects); old Forge once per pass."""
 
 import torch
 import torch.nn.functional as F
-from modules import a1111_version, extra_networks, sd_samplers_kdiffusion, shared
+from modules import a1111_version, extra_networks, scripts, sd_samplers_kdiffusion, shared
 
 _a1111 = a1111_version("processing")
 Processed, create_infotext = _a1111.Processed, _a1111.create_infotext
@@ -107,6 +107,7 @@ def process_images(p):
             samples = p.sample(conditioning=p.c, unconditional_conditioning=p.uc, seeds=p.seeds)
             p.scripts.postprocess_batch(p, samples, batch_number=n)
             for i in range(samples.shape[0]):
+                p.scripts.postprocess_image(p, scripts.PostprocessImageArgs(samples[i]))
                 images.append(samples[i])
                 infotexts.append(create_infotext(p, n * p.batch_size + i))
     if not p.disable_extra_networks and p.extra_network_data:
