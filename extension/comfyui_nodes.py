@@ -173,6 +173,26 @@ def resolve_pool(text: str) -> list[StackEntry]:
     return entries
 
 
+MODE_TIP = (
+    "loratorio, or a baseline for comparison: composite (mean of every LoRA), switch (one LoRA a "
+    "step), merge (all merged, as LoraLoader)."
+)
+PATCH_TIP = "Patch side: a fraction of the latent's shorter side ('1/16') or latent pixels ('4')."
+TEMPERATURE_TIP = "SoftMin temperature (lower: the most divergent LoRA takes more of a patch)."
+LAM_TIP = (
+    "Re-centring of the negative branch on the base model (paper: 0.5); 1 is faster (no LoRA runs "
+    "the negative prompt)."
+)
+
+
+def _number(kind: str, default, low, high, tooltip: str, step=None) -> tuple:
+    """A ComfyUI INT/FLOAT input spec."""
+    spec = {"default": default, "min": low, "max": high, "tooltip": tooltip}
+    if step is not None:
+        spec["step"] = step
+    return (kind, spec)
+
+
 class ApplyLoRAtorio:
     """MODEL + CLIP + a LoRA stack -> the MODEL that composes the stack per step, and the CLIP."""
 
@@ -198,73 +218,21 @@ class ApplyLoRAtorio:
                 "model": ("MODEL", {"tooltip": "The checkpoint's MODEL (after any LoRA you want merged)."}),
                 "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP."}),
                 "stack": (STACK, {"tooltip": "The LoRAs to compose (LoRAtorio LoRA stack nodes)."}),
-                "mode": (
-                    MODES,
-                    {
-                        "default": "loratorio",
-                        "tooltip": "loratorio, or a baseline for comparison: composite (mean of every "
-                        "LoRA), switch (one LoRA a step), merge (all merged, as LoraLoader).",
-                    },
+                "mode": (MODES, {"default": "loratorio", "tooltip": MODE_TIP}),
+                "patch_size": ("STRING", {"default": "1/16", "tooltip": PATCH_TIP}),
+                "temperature": _number(
+                    "FLOAT", defaults.temperature, 0.001, 100.0, TEMPERATURE_TIP, step=0.01
                 ),
-                "patch_size": (
-                    "STRING",
-                    {
-                        "default": "1/16",
-                        "tooltip": "Patch side: a fraction of the latent's shorter side "
-                        "('1/16') or latent pixels ('4').",
-                    },
-                ),
-                "temperature": (
-                    "FLOAT",
-                    {
-                        "default": defaults.temperature,
-                        "min": 0.001,
-                        "max": 100.0,
-                        "step": 0.01,
-                        "tooltip": "SoftMin temperature (lower: the most "
-                        "divergent LoRA takes more of a patch).",
-                    },
-                ),
-                "lam": (
-                    "FLOAT",
-                    {
-                        "default": defaults.recenter,
-                        "min": 0.0,
-                        "max": 1.0,
-                        "step": 0.05,
-                        "tooltip": "Re-centring of the negative branch on the base model (paper: "
-                        "0.5); 1 is faster (no LoRA runs the negative prompt).",
-                    },
-                ),
-                "top_k": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 64,
-                        "tooltip": "Keep the k most divergent LoRAs per image (0: all).",
-                    },
-                ),
+                "lam": _number("FLOAT", defaults.recenter, 0.0, 1.0, LAM_TIP, step=0.05),
+                "top_k": _number("INT", 0, 0, 64, "Keep the k most divergent LoRAs per image (0: all)."),
             },
             "optional": {
                 "pool": (POOL, {"tooltip": "More LoRAs to choose from (LoRAtorio pool); its top_k applies."}),
-                "switch_every": (
-                    "INT",
-                    {
-                        "default": defaults.switch_every,
-                        "min": 1,
-                        "max": 1000,
-                        "tooltip": "Steps per LoRA in mode switch.",
-                    },
+                "switch_every": _number(
+                    "INT", defaults.switch_every, 1, 1000, "Steps per LoRA in mode switch."
                 ),
-                "rows_per_forward": (
-                    "INT",
-                    {
-                        "default": 0,
-                        "min": 0,
-                        "max": 4096,
-                        "tooltip": "Most UNet rows per forward (memory); 0: no limit.",
-                    },
+                "rows_per_forward": _number(
+                    "INT", 0, 0, 4096, "Most UNet rows per forward (memory); 0: no limit."
                 ),
             },
         }

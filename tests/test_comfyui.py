@@ -114,20 +114,9 @@ def expected(
     each step the method in float64 (reference.py), then the fake VAE. control: the fake ControlNet
     whose residual joins every prediction of a row."""
     from comfy import samplers
-    from comfy.model_base import BaseModel
 
-    comfy.management.unload_all_models()  # the shared encoder and UNet without any patcher's merges
-    source, folder = comfy.source, Path(comfy.folder_paths.get_folder_paths("loras")[0])
-    files = [(folder / f"{name}.safetensors", scale) for name, scale, _ in loras]
-    text = merged_copy(
-        source.cond_stage_model, [(folder / f"{n}.safetensors", c) for n, _, c in loras if c], "te1"
-    )
-    cond, uncond = (text([words] * batch) for words in (prompt, negative))
+    models, cond, uncond = _merged_models(comfy, loras, [prompt] * batch, [negative] * batch)
     base_model = comfy.model.model
-    unets = [merged_copy(base_model.diffusion_model, [], "unet")] + [
-        merged_copy(base_model.diffusion_model, [lora], "unet") for lora in files
-    ]
-    models = [BaseModel(u, source.alphas_cumprod, base_model.model_sampling.prediction) for u in unets]
 
     def eps(model, x, sigma, context):
         s = sigma * x.new_ones(x.shape[0])
@@ -157,6 +146,23 @@ def expected(
         ).float()
         x = x + guided * (sigmas[i + 1] - s)
     return comfy.nodes.FakeVAE().decode(x)
+
+
+def _merged_models(comfy, loras, prompts, negatives):
+    """BaseModels over copies of the fake's clean UNet with no LoRA and with each one merged, and
+    the prompts encoded by a copy of its text encoder with every LoRA's text part merged."""
+    from comfy.model_base import BaseModel
+
+    comfy.management.unload_all_models()  # the shared encoder and UNet without any patcher's merges
+    source, folder = comfy.source, Path(comfy.folder_paths.get_folder_paths("loras")[0])
+    files = [(folder / f"{name}.safetensors", scale) for name, scale, _ in loras]
+    text = merged_copy(
+        source.cond_stage_model, [(folder / f"{n}.safetensors", c) for n, _, c in loras if c], "te1"
+    )
+    unet, prediction = comfy.model.model.diffusion_model, comfy.model.model.model_sampling.prediction
+    unets = [merged_copy(unet, [], "unet")] + [merged_copy(unet, [lora], "unet") for lora in files]
+    models = [BaseModel(u, source.alphas_cumprod, prediction) for u in unets]
+    return models, text(prompts), text(negatives)
 
 
 def _hooks(comfy) -> int:
