@@ -69,7 +69,8 @@ class Composition:
     sigma: float | None = None  # the current model evaluation's sigma
     step: int = 0
     latent_size: tuple[int, ...] | None = None  # the whole latent's (H, W): smaller rows are areas
-    area_chunks: int = 0  # area chunks seen this evaluation (each one counts as its own image)
+    area_of_cond: dict = field(default_factory=dict)  # this evaluation's cond uuid -> its area
+    area_ids: dict = field(default_factory=dict)  # this pass's areas, numbered (stable over steps)
     passes: list[RowComposer] = field(default_factory=list)
     steps_seen: set[int] = field(default_factory=set)  # the current pass's steps (the baselines' maps)
 
@@ -78,8 +79,11 @@ class Composition:
 
     # --- a model evaluation (the calc_cond_batch wrapper) ---------------------------------------
 
-    def begin_evaluation(self, x: Tensor, sigma: Tensor, model_options: Mapping) -> None:
-        """A new model evaluation: a new pass when the sampler's schedule is a new one."""
+    def begin_evaluation(
+        self, x: Tensor, sigma: Tensor, model_options: Mapping, conds: Sequence = ()
+    ) -> None:
+        """A new model evaluation: a new pass when the sampler's schedule is a new one. conds: the
+        evaluation's cond lists, whose areas label the UNet calls' area chunks."""
         schedule = (model_options.get("transformer_options") or {}).get("sample_sigmas")
         if schedule is None or schedule is not self.schedule:
             self.schedule = schedule
@@ -87,12 +91,17 @@ class Composition:
                 self.config, self.adapters, self.runtime, max_rows=self.max_rows, record_weights=True
             )
             self.passes = [*self.passes[-7:], self.rows]
-            self.steps_seen = set()
+            self.steps_seen, self.area_ids = set(), {}
         self.sigma = float(sigma.flatten()[0])
         self.step = step_of(self.schedule, self.sigma)
         self.steps_seen.add(self.step)
         self.latent_size = tuple(x.shape[2:])
-        self.area_chunks = 0
+        self.area_of_cond = {
+            entry["uuid"]: tuple(entry["area"])
+            for branch in conds
+            for entry in branch or ()
+            if isinstance(entry, Mapping) and "area" in entry and "uuid" in entry
+        }
         self.rows.forget_cond()  # second-order samplers evaluate twice a step: new cond weights
 
     def needs_cond_first(self) -> bool:
@@ -124,8 +133,10 @@ class Composition:
             return self.rows(forward, inputs, labels, self.step, to_eps=_x0_to_eps, from_eps=_eps_to_x0)
 
     def _labels(self, input: Tensor, options: Mapping) -> list[RowLabel]:
-        """Each row's branch and image. An area chunk (rows smaller than the latent) counts as an
-        image of its own: its weights cover its area only, and no uncond row uses them."""
+        """Each row's branch and image. The rows of an area chunk (smaller than the latent) count as
+        images of their own, one per area: its positive chunks' weights cover that area only, and
+        the negative chunk ComfyUI makes for the same area (``create_cond_with_same_area_if_none``:
+        a copy with the positive's uuid) is re-centred with them."""
         chunks = options.get("cond_or_uncond")
         if not chunks:
             raise RuntimeError(
@@ -139,24 +150,27 @@ class Composition:
                 "node may be re-batching: remove one of them"
             )
         area = self.latent_size is not None and tuple(input.shape[2:]) != self.latent_size
+        uuids = options.get("uuids") or [None] * len(chunks)
         labels = []
-        for branch in chunks:
-            offset = 0
-            if area:
-                self.area_chunks += 1
-                offset = images * self.area_chunks
+        for branch, uuid in zip(chunks, uuids, strict=False):
+            offset = images * self._area_id(uuid, tuple(input.shape[2:])) if area else 0
             name = "uncond" if branch == 1 else "cond"
             labels += [RowLabel(name, offset + j) for j in range(images)]
         return labels
+
+    def _area_id(self, uuid, size: tuple[int, ...]) -> int:
+        """1, 2, ...: the number of an area in this pass (by its place and size, else its size)."""
+        key = self.area_of_cond.get(uuid, ("size", *size))
+        return self.area_ids.setdefault(key, len(self.area_ids) + 1)
 
     def _check_uncond(self, labels: Sequence[RowLabel]) -> None:
         if not self.rows.missing_cond(labels, self.step):
             return
         raise ValueError(
             "LoRAtorio: the negative conditioning is re-centred with the positive's weights (lam < 1), "
-            "but at this step its image has no full-size positive conditioning (only areas, or a "
-            "timestep range that excludes it) or the negative has an area: set lam to 1, or add a "
-            "positive conditioning without area"
+            "but at this step its image (or one of its areas) has no positive conditioning of its "
+            "own (only areas, an area on the negative alone, or a timestep range that excludes it): "
+            "set lam to 1, or add a positive conditioning without area"
         )
 
     # --- after sampling ------------------------------------------------------------------------
@@ -247,7 +261,7 @@ class CondBatchWrapper:
 
     def __call__(self, executor, model, conds, x_in, timestep, model_options):
         composition = self.composition
-        composition.begin_evaluation(x_in, timestep, model_options)
+        composition.begin_evaluation(x_in, timestep, model_options, conds)
         has_uncond = len(conds) > 1 and any(c is not None for c in conds[1:])
         if not (composition.needs_cond_first() and has_uncond and conds[0] is not None):
             return executor(model, conds, x_in, timestep, model_options)
@@ -290,9 +304,13 @@ def compose_model(model, entries: Sequence[StackEntry], config: LoRAtorioConfig,
     composition = Composition(config, adapters, LoRARuntime(unet, layers), max_rows=max_rows)
     clone = model.clone()
     previous = clone.model_options.get("model_function_wrapper")
+    try:
+        import comfy.patcher_extension as extension
+    except ImportError:
+        raise RuntimeError(
+            "Apply LoRAtorio needs a ComfyUI with comfy.patcher_extension (late 2024 on); update ComfyUI"
+        ) from None
     clone.set_model_unet_function_wrapper(ModelFunctionWrapper(composition, previous))
-    import comfy.patcher_extension as extension
-
     extension.add_wrapper_with_key(
         CALC_COND_BATCH,
         WRAPPER_KEY,

@@ -478,7 +478,14 @@ def test_img2img_and_inpainting_latents_compose(comfy):
 
 
 @pytest.mark.parametrize("lam", [0.5, 1.0])
-def test_area_and_mask_conditionings_compose(comfy, lam):
+def test_area_and_mask_conditionings_compose(comfy, lam, monkeypatch):
+    """ComfyUI gives the negative a copy of every positive area (same uuid): its rows are re-centred
+    with the weights of the positive rows of that area, and both count as an image of their own."""
+    from loratorio_extension.comfyui import Composition
+
+    seen = []
+    labels = Composition._labels
+    monkeypatch.setattr(Composition, "_labels", lambda self, *a: seen.append(labels(self, *a)) or seen[-1])
     prompt = workflow(**{"4": {"lam": lam}})
     prompt["20"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a red banner", "clip": ["4", 1]}}
     prompt["21"] = {
@@ -501,7 +508,13 @@ def test_area_and_mask_conditionings_compose(comfy, lam):
     prompt["8"]["inputs"]["positive"] = ["25", 0]
     images = run(comfy, prompt)
     assert torch.isfinite(images["loratorio"]).all()
+    rows = [label for call in seen for label in call]
     assert not torch.allclose(images["loratorio"], run(comfy, workflow(**{"4": {"lam": lam}}))["loratorio"])
+    assert {(r.branch, r.sample) for r in rows} == {("cond", 0), ("uncond", 0), ("cond", 1), ("uncond", 1)}
+    # the whole-image positive and the mask one, one negative, every step
+    assert sum(r.branch == "cond" and r.sample == 0 for r in rows) == 2 * sum(
+        r.branch == "uncond" and r.sample == 0 for r in rows
+    )
 
 
 def test_an_area_only_positive_with_lam_below_1_fails_with_what_to_do(comfy):

@@ -180,6 +180,38 @@ def encode_model_conds(model, conds, noise, concat=None):
     return out
 
 
+def _inside(area, outer) -> bool:
+    dims = len(area) // 2
+    return all(area[dims + i] >= outer[dims + i] for i in range(dims)) and all(
+        area[i] + area[dims + i] <= outer[i] + outer[dims + i] for i in range(dims)
+    )
+
+
+def create_cond_with_same_area_if_none(conds, c):
+    """process_conds: every area of one branch gets one in the other, unless the other already has
+    exactly that area as the smallest one containing it: a copy of ``c`` (its uuid included) with
+    the model conds of the other branch's smallest cond containing it (or of one without area)."""
+    if "area" not in c:
+        return
+    smallest = None
+    for x in conds:
+        if "area" in x:
+            if _inside(c["area"], x["area"]) and (
+                smallest is None
+                or "area" not in smallest
+                or math.prod(smallest["area"][: len(smallest["area"]) // 2])
+                > math.prod(x["area"][: len(x["area"]) // 2])
+            ):
+                smallest = x
+        elif smallest is None:
+            smallest = x
+    if smallest is None or ("area" in smallest and smallest["area"] == c["area"]):
+        return
+    out = c.copy()
+    out["model_conds"] = smallest["model_conds"].copy()
+    conds.append(out)
+
+
 def calculate_sigmas(model_sampling, scheduler_name, steps):
     if scheduler_name == "karras":
         lo, hi = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
@@ -256,6 +288,9 @@ def sample(
         concat = torch.cat([mask.expand(latent_image.shape[0], 1, *latent_image.shape[2:]), latent_image], 1)
     pos = encode_model_conds(model, positive, noise, concat)
     neg = encode_model_conds(model, negative, noise, concat)
+    for ours, theirs in ((pos, neg), (neg, pos)):
+        for c in list(ours):
+            create_cond_with_same_area_if_none(theirs, c)
     options = comfy.model_patcher.create_model_options_clone(model_patcher.model_options)
     options.setdefault("transformer_options", {})["sample_sigmas"] = sigmas
     sampling = model.model_sampling
