@@ -106,7 +106,26 @@ def methods(patch_size: int = 1, temperature: float = 1.0) -> list[Method]:
         Method("pool: merge all", LoRAtorioConfig(mode="merge"), pool="all"),
         Method("pool: top-k=N divergence", lr.replace(recenter=1.0), pool="divergence"),
         Method("pool: top-k=N tags", lr.replace(recenter=1.0), pool="tags"),
+        *gated_methods(lr),
     ]
+
+
+# The gated single pass (issue 13): (exact_first, exact_every) pairs, exact steps first and every
+# K-th after, gated single rows between.
+GATED_SCHEDULES = ((1, 20), (1, 10), (1, 5), (2, 5), (3, 3), (3, 4), (5, 3), (5, 20), (8, 20), (10, 20))
+
+
+def gated_methods(exact: LoRAtorioConfig) -> list[Method]:
+    """LoRAtorio's gated single pass on several schedules; the other rule for layers without
+    position; and lam = 1."""
+    out = [
+        Method(f"gated M={m} K={k}", exact.replace(exact_first=m, exact_every=k)) for m, k in GATED_SCHEDULES
+    ]
+    out.append(
+        Method("gated M=1 K=5 ctx=mean", exact.replace(exact_first=1, exact_every=5, gate_context="mean"))
+    )
+    out.append(Method("gated M=1 K=5 lam=1", exact.replace(exact_first=1, exact_every=5, recenter=1.0)))
+    return out
 
 
 def pool_of(bench: ModuleType) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..config import LoRAtorioConfig
 from ..lora.files import LayerUpdate
-from ..lora.runtime import LoRARuntime
+from ..lora.runtime import LoRARuntime, evaluate_entries
 from ..step import Adapter, StepComposer, StepPlan
 
 PREDICTIONS = ("epsilon", "v")
@@ -113,6 +113,7 @@ class _Lockstep:
         self.conds = [model.encode_text([job.prompt] * len(job.seeds)) for job in jobs]
         self.uncond = model.encode_text([[]])[0]
         self.kept: list[Tensor | None] = [None] * len(jobs)
+        self.gates: list[Tensor | None] = [None] * len(jobs)
         self.rows = [0.0] * len(jobs)
         self.weights: list[list[Tensor]] | None = [[] for _ in jobs] if record_weights else None
 
@@ -124,7 +125,9 @@ class _Lockstep:
         for j, job in enumerate(self.jobs):
             adapters = [Adapter(n, scale) for n in job.loras]
             named = None if job.named is None else torch.tensor([n in job.named for n in job.loras])
-            plan = composer.plan(step, adapters, batch_size=len(job.seeds), kept=self.kept[j], named=named)
+            plan = composer.plan(
+                step, adapters, batch_size=len(job.seeds), kept=self.kept[j], named=named, gates=self.gates[j]
+            )
             plans.append(plan)
             x_in.append(self.latents[j][plan.sample_index])
             both = torch.cat([self.conds[j], self.uncond.expand_as(self.conds[j])])
@@ -159,8 +162,8 @@ def sample(
         for step, t in enumerate(times):
             plans, x, context, entry_adapters = state.plan_all(composer, step, index, scale)
             a = alphas[t]
-            with runtime.rows(entry_adapters):
-                output = model.unet(x, torch.full((x.shape[0],), t), context)
+            batched = {"x": x, "timesteps": torch.full((x.shape[0],), t), "context": context}
+            output = evaluate_entries(model.unet, runtime, entry_adapters, batched)
             eps_all = eps_from_prediction(model.prediction, output, x, a)
             a_prev = alphas[times[step + 1]] if step + 1 < len(times) else torch.tensor(1.0)
             start = 0
@@ -168,6 +171,7 @@ def sample(
                 result = composer.combine(plan, eps_all[start : start + plan.num_entries], guidance)
                 start += plan.num_entries
                 state.kept[j] = result.kept
+                state.gates[j] = result.gates
                 if state.weights is not None and result.weights is not None:
                     state.weights[j].append(result.weights)
                 state.latents[j] = ddim_step(state.latents[j], result.eps, a, a_prev)
