@@ -11,6 +11,7 @@ MODES = ("loratorio", "composite", "switch", "merge")
 UPSAMPLE_MODES = ("nearest", "bilinear")
 WEIGHTINGS = ("softmin", "spread", "median", "power", "rank")
 GATE_CONTEXTS = ("full", "mean")
+GATE_MAPS = ("weights", "winner", "zero")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class LoRAtorioConfig:
     exact_every: int = 1
     exact_first: int = 3
     gate_context: str = "full"
+    gate_maps: str = "weights"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -100,6 +102,8 @@ class LoRAtorioConfig:
         _require_int("switch_every", self.switch_every, minimum=1)
         _require_int("exact_every", self.exact_every, minimum=1)
         _require_int("exact_first", self.exact_first, minimum=1)
+        if self.gate_maps not in GATE_MAPS:
+            raise ValueError(f"gate_maps must be one of {', '.join(GATE_MAPS)}; got {self.gate_maps!r}")
         if self.gate_context not in GATE_CONTEXTS:
             raise ValueError(
                 f"gate_context must be one of {', '.join(GATE_CONTEXTS)}; got {self.gate_context!r}"

@@ -20,8 +20,10 @@ Shapes: N LoRAs, B samples, (C, H, W) a prediction.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+import torch
 from torch import Tensor
 
 
@@ -64,3 +66,37 @@ class GateState:
                     f"gates=None after the adapters or the batch changed"
                 )
         return self
+
+
+def split_gate_state(state: GateState) -> list[GateState]:
+    """A state of B samples -> B states of one sample each (hosts that keep state per image)."""
+    count = state.latest.shape[1]
+    return [
+        GateState(
+            state.latest[:, b : b + 1],
+            None if state.gates is None else state.gates[:, b : b + 1],
+            None if state.residual_cond is None else state.residual_cond[b : b + 1],
+            None if state.residual_uncond is None else state.residual_uncond[b : b + 1],
+        )
+        for b in range(count)
+    ]
+
+
+def stack_gate_states(states: Sequence[GateState]) -> GateState:
+    """One-sample states -> the state of their batch, in order. A part that some sample lacks is
+    None (a gated step then needs an exact one first)."""
+
+    def joined(parts: list[Tensor | None], dim: int) -> Tensor | None:
+        if any(p is None for p in parts) or len({tuple(p.shape) for p in parts}) > 1:
+            return None
+        return torch.cat(parts, dim=dim)
+
+    latest = joined([s.latest for s in states], 1)
+    if latest is None:
+        raise ValueError("the images' gate states have weight maps of different sizes")
+    return GateState(
+        latest,
+        joined([s.gates for s in states], 1),
+        joined([s.residual_cond for s in states], 0),
+        joined([s.residual_uncond for s in states], 0),
+    )

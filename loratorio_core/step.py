@@ -312,7 +312,7 @@ class StepComposer:
             named=named,
             _row_of=row_of,
             _offsets=tuple(offsets),
-            gates=_residual_gates(state, n, batch_size) if GATED in cond_keys else None,
+            gates=_residual_gates(cfg_, state, n, batch_size) if GATED in cond_keys else None,
             gate_state=state,
         )
 
@@ -380,7 +380,9 @@ class StepComposer:
         if plan.gated:
             if plan.config.recenter == 1.0:
                 return read.one(UNCOND, BASE)
-            return read.one(UNCOND, GATED) + plan.gate_state.residual_uncond
+            residual = plan.gate_state.residual_uncond
+            # None only where no exact step evaluated this image's uncond rows (a host skipping them)
+            return read.one(UNCOND, GATED) + (residual if residual is not None else 0.0)
         mode = plan.config.mode
         if mode == "merge":
             return read.one(UNCOND, MERGED)
@@ -400,10 +402,19 @@ class StepComposer:
         minus their prediction. For hosts that call ``combine_uncond`` themselves.
 
         predictions: (E - E_c, C, H, W), the plan's uncond entries."""
-        if state is None or plan.gated or (UNCOND, GATED) not in plan._row_of:
+        residual = self.residual_uncond(plan, predictions, uncond)
+        if state is None or residual is None:
             return state
-        read = _Reader(plan, predictions, plan.num_cond_entries)
-        return replace(state, residual_uncond=uncond - read.one(UNCOND, GATED))
+        return replace(state, residual_uncond=residual)
+
+    def residual_uncond(self, plan: StepPlan, predictions: Tensor, uncond: Tensor) -> Tensor | None:
+        """(B, C, H, W) the composed uncond branch minus the gated uncond rows' prediction, on an
+        exact step that evaluated gated uncond rows; None on any other step.
+
+        predictions: (E - E_c, C, H, W), the plan's uncond entries."""
+        if plan.gated or (UNCOND, GATED) not in plan._row_of:
+            return None
+        return uncond - _Reader(plan, predictions, plan.num_cond_entries).one(UNCOND, GATED)
 
     def _check(self, plan: StepPlan, predictions: Tensor, count: int, symbol: str, what: str) -> None:
         if plan.config != self.config:
@@ -574,12 +585,12 @@ def _loratorio_cond(plan: StepPlan, read: _Reader) -> CondResult:
     )
 
 
-def _residual_gates(state: GateState | None, n: int, batch_size: int) -> Tensor:
+def _residual_gates(config: LoRAtorioConfig, state: GateState | None, n: int, batch_size: int) -> Tensor:
     """The gates an exact step measures the residual with: the newest weight maps, or uniform
     (N, B, 1, 1, 1) ones at the first exact step."""
     if state is not None:
         return state.latest
-    return torch.full((n, batch_size, 1, 1, 1), 1.0 / n)
+    return torch.full((n, batch_size, 1, 1, 1), 0.0 if config.gate_maps == "zero" else 1.0 / n)
 
 
 def _next_gate_state(plan: StepPlan, read: _Reader, cond: Tensor, weights_up: Tensor) -> GateState | None:
@@ -589,9 +600,12 @@ def _next_gate_state(plan: StepPlan, read: _Reader, cond: Tensor, weights_up: Te
         return None
     # weights_up: (U, B, 1, H, W) of plan.evaluated
     index = torch.tensor(plan.evaluated, device=weights_up.device)
-    latest = weights_up.new_zeros((len(plan.adapters), *weights_up.shape[1:])).index_copy_(
-        0, index, weights_up
-    )
+    maps = weights_up
+    if plan.config.gate_maps == "winner":
+        maps = torch.zeros_like(weights_up).scatter_(0, weights_up.argmax(0, keepdim=True), 1.0)
+    elif plan.config.gate_maps == "zero":
+        maps = torch.zeros_like(weights_up)
+    latest = maps.new_zeros((len(plan.adapters), *maps.shape[1:])).index_copy_(0, index, maps)
     if plan.gates is None:  # no gated rows: only the newest maps change
         if plan.gate_state is None:
             return GateState(latest)
