@@ -184,10 +184,51 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def composed_image(unet, runtime, composer, specs, x0, context, y, steps, device) -> torch.Tensor:
-    """One image through plan -> rows -> combine: ``steps`` steps from latent x0 (B, C, H, W);
-    context (B, T, D) the prompt, y (B, A) SDXL's vector conditioning or None."""
-    x, state, kept = x0.clone(), None, None
+def clock(fn, device) -> float:
+    """Seconds of one call of ``fn``."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def signature(plan) -> tuple:
+    """What a step's cost depends on: its plan's rows (branch, adapters, gated or not)."""
+    return tuple((row.branch, tuple(i for i, _ in row.adapters), row.gate_factor) for row in plan.rows)
+
+
+class StepTimer:
+    """Times each kind of step (``signature``) once per run, shared by every method with that kind
+    (an exact lam-0.5 step costs the same in ``exact .5`` and in the gated default), so that one
+    run can price whole images of every method at SD1.5's size on a CPU. ``repeats`` calls, median."""
+
+    def __init__(self, device, repeats: int):
+        self.device, self.repeats = device, repeats
+        self.seconds: dict[tuple, float] = {}
+
+    def time(self, key: tuple, step, rows: int) -> tuple[float, object]:
+        """(seconds, result of one call) of ``step``; a known kind is not run again (result None).
+        Steps of at most 4 rows (merge's and the gated ones, which the ratios hinge on and which
+        cost little) are timed at least 3 times."""
+        if key in self.seconds:
+            return self.seconds[key], None
+        result = None
+
+        def call():
+            nonlocal result
+            result = step()
+
+        repeats = max(self.repeats, 3) if rows <= 4 else self.repeats
+        self.seconds[key] = statistics.median(clock(call, self.device) for _ in range(repeats))
+        return self.seconds[key], result
+
+
+def composed_image(unet, runtime, composer, specs, x0, context, y, steps, device, timer) -> float:
+    """Seconds of one image through plan -> rows -> combine: ``steps`` steps from latent x0
+    (B, C, H, W), each step priced by ``timer`` (its kind measured once); context (B, T, D) the
+    prompt, y (B, A) SDXL's vector conditioning or None."""
+    x, state, kept, total = x0, None, None, 0.0
     cond, uncond = context, torch.zeros_like(context)
     for step in range(steps):
         plan = composer.plan(step, specs, batch_size=x.shape[0], kept=kept, gates=state)
@@ -198,23 +239,27 @@ def composed_image(unet, runtime, composer, specs, x0, context, y, steps, device
         }
         if y is not None:
             batched["y"] = y[plan.sample_index.to(device)]
-        eps = evaluate_entries(unet, runtime, plan.entry_adapters, batched)
-        result = composer.combine(plan, eps, GUIDANCE)
-        state, kept = result.gates, result.kept
-        x = x - 0.05 * result.eps
-    return x
+
+        def run(plan=plan, batched=batched):
+            eps = evaluate_entries(unet, runtime, plan.entry_adapters, batched)
+            return composer.combine(plan, eps, GUIDANCE)
+
+        seconds, result = timer.time(signature(plan), run, plan.num_entries)
+        total += seconds
+        if result is None and state is None and composer.config.gated:
+            result = run()  # untimed: the gated steps need real weight maps, as in a real image
+        if result is not None:  # else a kind timed before: the state carries on (cost is the same)
+            state, kept = result.gates, result.kept
+    return total
 
 
-def merged_image(unet, x0, context, y, steps, device) -> torch.Tensor:
-    """One image with the LoRAs merged into the weights: 2 rows (cond, uncond) a step."""
-    x = x0.clone()
+def merged_step(unet, x0, context, y, device):
+    """One CFG step with the LoRAs merged into the weights: 2 rows (cond, uncond)."""
     both = torch.cat([context, torch.zeros_like(context)])
-    b = x.shape[0]
-    for step in range(steps):
-        t = torch.full((2 * b,), 999 - 99 * step, device=device)
-        out = unet(torch.cat([x, x]), t, both, None if y is None else torch.cat([y, y]))
-        x = x - 0.05 * (out[b:] + GUIDANCE * (out[:b] - out[b:]))
-    return x
+    b = x0.shape[0]
+    t = torch.full((2 * b,), 500, device=device)
+    out = unet(torch.cat([x0, x0]), t, both, None if y is None else torch.cat([y, y]))
+    return out[b:] + GUIDANCE * (out[:b] - out[b:])
 
 
 def merge_into(unet, adapters, sign: float) -> None:
@@ -227,10 +272,10 @@ def merge_into(unet, adapters, sign: float) -> None:
                 weight.add_(update.delta_weight(weight.shape).to(weight) * (sign * SCALE))
 
 
-def exact_step_layouts(unet, runtime, specs, x0, context, y, device, repeats) -> dict[str, float]:
-    """One exact lam-0.5 step: each adapter's rows where the plan puts them (cond and uncond apart)
-    through the gather path (index and scale tensors), against the adapter-major layout of
-    ``evaluate_entries`` (one slice per adapter)."""
+def gathered_exact_step(unet, runtime, specs, x0, context, y, device, repeats) -> float:
+    """Seconds of one exact lam-0.5 step with each adapter's rows where the plan puts them (cond and
+    uncond apart) through the gather path (index and scale tensors), as before the adapter-major
+    layout of ``evaluate_entries`` (whose time is the ``exact .5`` step's)."""
     composer = StepComposer(LoRAtorioConfig(recenter=0.5))
     plan = composer.plan(0, specs, batch_size=x0.shape[0])
     batched = {
@@ -245,20 +290,17 @@ def exact_step_layouts(unet, runtime, specs, x0, context, y, device, repeats) ->
         saved, runtime_module.MAX_RUNS = runtime_module.MAX_RUNS, 0
         try:
             with runtime.rows(plan.entry_adapters):
-                return unet(**batched)
+                composer.combine(plan, unet(**batched), GUIDANCE)
         finally:
             runtime_module.MAX_RUNS = saved
 
-    def sliced():
-        return evaluate_entries(unet, runtime, plan.entry_adapters, batched)
-
-    return {"step gather": timed(gathered, device, repeats), "step slices": timed(sliced, device, repeats)}
+    return statistics.median(clock(gathered, device) for _ in range(repeats))
 
 
 def time_images(unet, batch, latent, device, dtype, n_loras, steps, repeats, memory) -> dict[str, float]:
-    """Seconds per image of merge and each of IMAGE_METHODS (medians over ``repeats`` rounds, the
-    methods interleaved in each round so that a busy machine slows them alike). memory["peak"]:
-    GiB, the GPU's peak allocation during these images, or on the CPU the process's peak RSS."""
+    """Seconds per image of merge and each of IMAGE_METHODS, every kind of step measured once in
+    this run and an image the sum of its steps. memory["peak"]: GiB, the GPU's peak allocation, or
+    on the CPU the process's peak RSS."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     names = kohya_targets(unet)
@@ -266,40 +308,30 @@ def time_images(unet, batch, latent, device, dtype, n_loras, steps, repeats, mem
     specs = [Adapter(f"lora{i}", SCALE) for i in range(n_loras)]
     x0, _, context, y = inputs(unet, batch, latent, device, dtype)
     runtime = LoRARuntime(unet, adapters)
-    composers = {label: StepComposer(config) for label, config in IMAGE_METHODS.items()}
-    samples: dict[str, list[float]] = {"merge": [], **{label: [] for label in composers}}
-
-    def clock(fn) -> float:
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - start
-
+    timer = StepTimer(device, repeats)
+    out: dict[str, float] = {}
     with runtime:
-        composed_image(unet, runtime, composers["exact .5"], specs, x0, context, y, 1, device)  # warm-up
-        layouts = exact_step_layouts(unet, runtime, specs, x0, context, y, device, repeats)
-        for _ in range(repeats):
-            for label, composer in composers.items():
-                samples[label].append(
-                    clock(
-                        lambda c=composer: composed_image(
-                            unet, runtime, c, specs, x0, context, y, steps, device
-                        )
-                    )
-                )
-            merge_into(unet, adapters, 1.0)
-            try:
-                samples["merge"].append(clock(lambda: merged_image(unet, x0, context, y, steps, device)))
-            finally:
-                merge_into(unet, adapters, -1.0)
+        # the gated default first: its first exact step then gives it real maps while being timed
+        for label, config in sorted(IMAGE_METHODS.items(), key=lambda item: not item[1].gated):
+            composer = StepComposer(config)
+            out[label] = composed_image(unet, runtime, composer, specs, x0, context, y, steps, device, timer)
+        exact_kind = signature(StepComposer(IMAGE_METHODS["exact .5"]).plan(0, specs, batch_size=batch))
+        out["step slices"] = timer.seconds[exact_kind]
+        out["step gather"] = gathered_exact_step(unet, runtime, specs, x0, context, y, device, repeats)
+    merge_into(unet, adapters, 1.0)
+    try:
+        out["merge"] = steps * statistics.median(
+            clock(lambda: merged_step(unet, x0, context, y, device), device) for _ in range(max(repeats, 3))
+        )
+    finally:
+        merge_into(unet, adapters, -1.0)
     if device.type == "cuda":
         memory["peak"] = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         import resource
 
         memory["peak"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return {**{label: statistics.median(v) for label, v in samples.items()}, **layouts}
+    return out
 
 
 DIFFUSERS_UNETS = {
