@@ -110,33 +110,21 @@ def methods(patch_size: int = 1, temperature: float = 1.0) -> list[Method]:
     ]
 
 
-# The gated single pass (issue 13): (exact_first, exact_every) pairs, exact steps first and every
-# K-th after, gated single rows between.
-GATED_SCHEDULES = ((1, 20), (1, 10), (1, 5), (2, 5), (3, 3), (3, 4), (5, 3), (5, 20), (8, 20), (10, 20))
-GATED_MAPS = ("winner", "zero")
+# The gated single pass (issue 13): K = exact_every at the default exact_first (3 exact steps).
+GATED_EVERY = (2, 3, 4, 6)
 
 
 def gated_methods(exact: LoRAtorioConfig) -> list[Method]:
-    """LoRAtorio's gated single pass on several schedules; the other rule for layers without
-    position; and lam = 1."""
-    out = [
-        Method(f"gated M={m} K={k}", exact.replace(exact_first=m, exact_every=k)) for m, k in GATED_SCHEDULES
+    """LoRAtorio's gated single pass at several K; one exact step only then every 5th; and at K = 3
+    the other rule for layers without position, winner-take-all gates, and lam = 1."""
+    out = [Method(f"gated K={k}", exact.replace(exact_every=k)) for k in GATED_EVERY]
+    k3 = exact.replace(exact_every=3)
+    out += [
+        Method("gated M=1 K=5", exact.replace(exact_every=5, exact_first=1)),
+        Method("gated K=3 ctx=mean", k3.replace(gate_context="mean")),
+        Method("gated K=3 winner", k3.replace(gate_maps="winner")),
+        Method("gated K=3 lam=1", k3.replace(recenter=1.0)),
     ]
-    out.append(
-        Method("gated M=1 K=5 ctx=mean", exact.replace(exact_first=1, exact_every=5, gate_context="mean"))
-    )
-    for maps in GATED_MAPS:
-        for m, k in ((3, 4), (1, 5), (10, 20)):
-            out.append(
-                Method(
-                    f"gated {maps} M={m} K={k}", exact.replace(exact_first=m, exact_every=k, gate_maps=maps)
-                )
-            )
-    for rule, tau in (("spread", 2.0), ("rank", 3.0)):
-        sharp = exact.replace(weighting=rule, temperature=tau)
-        for m, k in ((1, 5), (3, 3), (1, 20)):
-            out.append(Method(f"gated {rule} M={m} K={k}", sharp.replace(exact_first=m, exact_every=k)))
-    out.append(Method("gated M=1 K=5 lam=1", exact.replace(exact_first=1, exact_every=5, recenter=1.0)))
     return out
 
 
