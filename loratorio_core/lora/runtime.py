@@ -202,9 +202,11 @@ def _slice(value, start: int, stop: int):
     return value
 
 
-# An adapter whose rows form at most this many contiguous runs gets one delta call per run; with
-# more, one gather of its rows (index and scale tensors built once per block) costs less.
-MAX_RUNS = 4
+# An adapter whose rows form at most this many contiguous runs (of one scale) gets one delta call
+# per run; otherwise one gather of its rows, with index and scale tensors built once per block.
+# 1: rows that ``evaluate_entries`` groups by adapter are one slice, and rows a host lays out
+# otherwise take the gather they always took (the same arithmetic, bit for bit, as before).
+MAX_RUNS = 1
 
 
 class _Group:
