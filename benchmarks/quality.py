@@ -106,7 +106,26 @@ def methods(patch_size: int = 1, temperature: float = 1.0) -> list[Method]:
         Method("pool: merge all", LoRAtorioConfig(mode="merge"), pool="all"),
         Method("pool: top-k=N divergence", lr.replace(recenter=1.0), pool="divergence"),
         Method("pool: top-k=N tags", lr.replace(recenter=1.0), pool="tags"),
+        *gated_methods(lr),
     ]
+
+
+# The gated single pass (issue 13): K = exact_every at the default exact_first (3 exact steps).
+GATED_EVERY = (2, 3, 4, 6)
+
+
+def gated_methods(exact: LoRAtorioConfig) -> list[Method]:
+    """LoRAtorio's gated single pass at several K; one exact step only then every 5th; and at K = 3
+    the other rule for layers without position, winner-take-all gates, and lam = 1."""
+    out = [Method(f"gated K={k}", exact.replace(exact_every=k)) for k in GATED_EVERY]
+    k3 = exact.replace(exact_every=3)
+    out += [
+        Method("gated M=1 K=5", exact.replace(exact_every=5, exact_first=1)),
+        Method("gated K=3 ctx=mean", k3.replace(gate_context="mean")),
+        Method("gated K=3 winner", k3.replace(gate_maps="winner")),
+        Method("gated K=3 lam=1", k3.replace(recenter=1.0)),
+    ]
+    return out
 
 
 def pool_of(bench: ModuleType) -> tuple[str, ...]:

@@ -61,6 +61,20 @@ ARGS: tuple[Arg, ...] = (
         "steps between selections",
     ),
     Arg("show_maps", bool, False, "", "add each LoRA's weight map to the outputs"),
+    Arg(
+        "exact_every",
+        int,
+        _DEFAULTS.exact_every,
+        infotext.EXACT_EVERY,
+        "gated single pass: exact steps every K-th step (1: every step, the method as written)",
+    ),
+    Arg(
+        "exact_first",
+        int,
+        _DEFAULTS.exact_first,
+        infotext.EXACT_FIRST,
+        "gated single pass: how many leading steps are exact",
+    ),
 )
 NAMES = tuple(arg.name for arg in ARGS)
 
@@ -78,6 +92,8 @@ class Settings:
     top_k: int = 0
     reselect_every: int = _DEFAULTS.reselect_every
     show_maps: bool = False
+    exact_every: int = _DEFAULTS.exact_every
+    exact_first: int = _DEFAULTS.exact_first
 
     def config(self, num_loras: int | None = None) -> LoRAtorioConfig:
         """The core's config. With ``num_loras``, a top-k of at least that many keeps them all."""
@@ -91,6 +107,8 @@ class Settings:
             recenter=self.recenter,
             top_k=top_k if MODE_LABELS[self.mode] == "loratorio" else None,
             reselect_every=self.reselect_every,
+            exact_every=self.exact_every,
+            exact_first=self.exact_first,
         )
 
     def infotext(self) -> dict[str, object]:

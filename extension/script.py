@@ -48,7 +48,9 @@ class LoRAtorioScript(scripts.Script):
             with gr.Row():
                 pool, top_k, reselect_every = self._pool_controls(defaults)
             show_maps = gr.Checkbox(value=False, label="Show weight maps", elem_id=self.elem_id("show_maps"))
+            exact_every, exact_first = _gated_controls(self, defaults)
         controls = [enabled, mode, patch_size, temperature, recenter, pool, top_k, reselect_every, show_maps]
+        controls += [exact_every, exact_first]
         self.infotext_fields = [
             (control, _paste(arg.name)) for control, arg in zip(controls, ARGS, strict=True) if arg.infotext
         ]
@@ -233,3 +235,26 @@ _register(script_callbacks.on_ui_settings, options.register)
 _register(script_callbacks.on_before_ui, xyz.register)
 _register(script_callbacks.on_ui_tabs, tab.build)
 _register(script_callbacks.on_script_unloaded, session.stop)
+
+
+def _gated_controls(script, defaults: Settings):
+    """The gated single pass: exact steps first and every K-th, one gated row between (faster,
+    see README: measured cost and quality)."""
+    with gr.Row():
+        exact_every = gr.Slider(
+            1,
+            20,
+            step=1,
+            value=defaults.exact_every,
+            label="Exact every K steps (1: every step; more: gated single pass between, faster)",
+            elem_id=script.elem_id("exact_every"),
+        )
+        exact_first = gr.Slider(
+            1,
+            20,
+            step=1,
+            value=defaults.exact_first,
+            label="Exact first steps (gated single pass)",
+            elem_id=script.elem_id("exact_first"),
+        )
+    return exact_every, exact_first

@@ -33,6 +33,8 @@ def register() -> bool:
             xyz.AxisOption(PREFIX + "Temperature", float, _apply("temperature")),
             xyz.AxisOption(PREFIX + "Re-centering (lam)", float, _apply("recenter")),
             xyz.AxisOption(PREFIX + "Top-k", int, _apply("top_k")),
+            xyz.AxisOption(PREFIX + "Exact every (gated)", int, _apply("exact_every")),
+            xyz.AxisOption(PREFIX + "Exact first (gated)", int, _apply("exact_first")),
         ]
     )
     return True

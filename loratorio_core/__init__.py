@@ -6,6 +6,7 @@ sampler) call in; nothing here imports them.
 """
 
 from .config import MODES, UPSAMPLE_MODES, WEIGHTINGS, LoRAtorioConfig
+from .gating import GateState
 from .guidance import denoised_from_eps, eps_from_denoised, eps_from_v, guided, recentered_uncond, v_from_eps
 from .step import Adapter, CondResult, Row, StepComposer, StepPlan, StepResult
 from .weighting import (
@@ -27,6 +28,7 @@ __all__ = [
     "WEIGHTINGS",
     "Adapter",
     "CondResult",
+    "GateState",
     "LoRAtorioConfig",
     "Row",
     "StepComposer",

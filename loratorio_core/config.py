@@ -10,6 +10,8 @@ from typing import Any
 MODES = ("loratorio", "composite", "switch", "merge")
 UPSAMPLE_MODES = ("nearest", "bilinear")
 WEIGHTINGS = ("softmin", "spread", "median", "power", "rank")
+GATE_CONTEXTS = ("full", "mean")
+GATE_MAPS = ("weights", "winner", "zero")
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,18 @@ class LoRAtorioConfig:
         the paper); between selections only the kept LoRAs are evaluated.
     upsample: how patch weights are spread over the latent's pixels: ``nearest`` or ``bilinear``.
     switch_every: steps each LoRA stays active in ``switch`` mode (5 in the paper's baseline).
+    exact_every: K, LoRAtorio's gated single pass (``loratorio`` mode; ignored by the baselines):
+        1 (the default) evaluates base + every LoRA at every step, the method as written. With
+        K > 1 only the first ``exact_first`` steps and every K-th step after (step % K == 0) are
+        exact; the steps between run ONE cond row with every LoRA active, each LoRA's output at
+        every layer multiplied per position by its weight map of the last exact step (its gate),
+        and one uncond row (the base's at lam = 1; else the gated row with gates x (1 - lam)):
+        2 rows a sample, like merge.
+    exact_first: with exact_every > 1, how many leading steps are exact (where the layout is decided).
+    gate_context: on gated steps, what multiplies each LoRA's change of layers whose input has no
+        position (cross-attention keys and values, from the text): ``full`` (its scale: every
+        LoRA's keys and values at full strength, the queries and outputs gated) or ``mean`` (its
+        scale times the mean of its gate over the image).
 
     The paper does not publish d, tau, k or the upsampling mode. The defaults were chosen by the
     project's quality benchmark (``benchmarks/sweep.py``, dev half of the synthetic ComposLoRA): d = 1
@@ -54,6 +68,10 @@ class LoRAtorioConfig:
     reselect_every: int = 1
     upsample: str = "nearest"
     switch_every: int = 5
+    exact_every: int = 1
+    exact_first: int = 3
+    gate_context: str = "full"
+    gate_maps: str = "weights"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -82,6 +100,24 @@ class LoRAtorioConfig:
         if self.upsample not in UPSAMPLE_MODES:
             raise ValueError(f"upsample must be one of {', '.join(UPSAMPLE_MODES)}; got {self.upsample!r}")
         _require_int("switch_every", self.switch_every, minimum=1)
+        _require_int("exact_every", self.exact_every, minimum=1)
+        _require_int("exact_first", self.exact_first, minimum=1)
+        if self.gate_maps not in GATE_MAPS:
+            raise ValueError(f"gate_maps must be one of {', '.join(GATE_MAPS)}; got {self.gate_maps!r}")
+        if self.gate_context not in GATE_CONTEXTS:
+            raise ValueError(
+                f"gate_context must be one of {', '.join(GATE_CONTEXTS)}; got {self.gate_context!r}"
+            )
+
+    @property
+    def gated(self) -> bool:
+        """Whether some steps run the gated single pass (LoRAtorio with exact_every > 1)."""
+        return self.mode == "loratorio" and self.exact_every > 1
+
+    def is_exact_step(self, step: int) -> bool:
+        """Whether ``step`` (0-based) evaluates base + every LoRA: always unless ``gated``; then
+        the first ``exact_first`` steps and every ``exact_every``-th step."""
+        return not self.gated or step < self.exact_first or step % self.exact_every == 0
 
     def patch_size_for(self, size: tuple[int, int]) -> int:
         """The patch side d in latent pixels for a latent of ``size`` (H, W): ``patch_size`` when

@@ -53,6 +53,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--upsample", choices=UPSAMPLE_MODES, default=defaults.upsample)
     parser.add_argument("--switch-every", type=int, default=defaults.switch_every)
+    parser.add_argument(
+        "--exact-every",
+        type=int,
+        default=defaults.exact_every,
+        help="gated single pass: exact steps only every K-th step after --exact-first, one gated row "
+        "between (1, the default: every step exact, the method as written)",
+    )
+    parser.add_argument(
+        "--exact-first", type=int, default=defaults.exact_first, help="gated single pass: leading exact steps"
+    )
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", "--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=0)
@@ -113,6 +123,8 @@ def build_config(args) -> LoRAtorioConfig:
             reselect_every=args.reselect_every,
             upsample=args.upsample,
             switch_every=args.switch_every,
+            exact_every=args.exact_every,
+            exact_first=args.exact_first,
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
@@ -206,7 +218,8 @@ def run_generate(args) -> list[Path]:
         written.append(path)
         if args.maps and result.weights and result.weights[0] is not None:
             maps_path = path.with_name(f"{path.stem}_maps.png")
-            weight_map_sheet(image, result.weights, [n for n, _ in names], sample=b).save(maps_path)
+            exact_steps = [w for w in result.weights if w is not None]  # gated steps have no maps
+            weight_map_sheet(image, exact_steps, [n for n, _ in names], sample=b).save(maps_path)
             written.append(maps_path)
     return written
 

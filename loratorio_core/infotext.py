@@ -26,6 +26,8 @@ POOL = "LoRAtorio pool"
 TOP_K = "LoRAtorio top-k"
 RESELECT_EVERY = "LoRAtorio reselect every"
 KEPT = "LoRAtorio kept"  # per image: the LoRAs top-k kept
+EXACT_EVERY = "LoRAtorio exact every"  # the gated single pass; written only when it is on
+EXACT_FIRST = "LoRAtorio exact first"
 
 
 def generation_params(config: LoRAtorioConfig, pool: str = "") -> dict[str, object]:
@@ -42,6 +44,9 @@ def generation_params(config: LoRAtorioConfig, pool: str = "") -> dict[str, obje
     if config.top_k is not None:
         params[TOP_K] = config.top_k
         params[RESELECT_EVERY] = config.reselect_every
+    if config.gated:
+        params[EXACT_EVERY] = config.exact_every
+        params[EXACT_FIRST] = config.exact_first
     return params
 
 

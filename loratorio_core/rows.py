@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .config import LoRAtorioConfig
+from .gating import GateState, split_gate_state, stack_gate_states
 from .lora.runtime import LoRARuntime, evaluate_entries
 from .step import COND, UNCOND, Adapter, CondResult, StepComposer
 
@@ -77,6 +78,10 @@ class RowComposer:
         config = self.composer.config
         if config.mode != "loratorio" or config.recenter == 1.0:
             return False  # the uncond branch is the base model's or a baseline's: no weights needed
+        uncond_samples = [label.sample for label in labels if label.branch == UNCOND]
+        gates = self._uncond_gates(uncond_samples, step) if uncond_samples else None
+        if gates is not None and gates.ready and not config.is_exact_step(step):
+            return False  # a gated step: the uncond row is gated by an earlier exact step's maps
         seen = set(self._cond_of_sample) if step == self._step else set()
         seen |= {label.sample for label in labels if label.branch == COND}
         return any(label.branch == UNCOND and label.sample not in seen for label in labels)
@@ -89,6 +94,10 @@ class RowComposer:
         self._kept_of_row: dict[tuple[int, int], Tensor] = {}
         self.weights: dict[int, dict[int, Tensor]] = {}  # step -> image -> (N, h, w), when recorded
         self.kept: dict[int, list[str]] = {}  # image -> names of the LoRAs its last step kept
+        # gated steps (config.exact_every > 1): each cond row's GateState, the step it was made at,
+        # and each image's uncond residual
+        self._gate_of_row: dict[tuple[int, int], tuple[int, GateState]] = {}
+        self._residual_uncond: dict[int, Tensor] = {}
 
     def __call__(
         self,
@@ -139,7 +148,14 @@ class RowComposer:
         entry_adapters: list = []
         if cond_rows:
             kept = self._kept_for(cond_keys)
-            plan_c = self.composer.plan(step, self.adapters, batch_size=len(cond_rows), cfg=False, kept=kept)
+            plan_c = self.composer.plan(
+                step,
+                self.adapters,
+                batch_size=len(cond_rows),
+                cfg=False,
+                kept=kept,
+                gates=self._cond_gates(cond_keys),
+            )
             entry_rows.append(torch.tensor(cond_rows)[plan_c.sample_index])
             entry_adapters += plan_c.entry_adapters
         if uncond_rows:
@@ -152,6 +168,7 @@ class RowComposer:
                 cfg=True,
                 kept=kept,
                 reselect=False if kept is not None else None,
+                gates=self._uncond_gates(samples, step),
             )
             first = plan_u.num_cond_entries
             entry_rows.append(torch.tensor(uncond_rows)[plan_u.sample_index[first:]])
@@ -172,6 +189,9 @@ class RowComposer:
         if plan_c is not None:
             cond = self.composer.combine_cond(plan_c, eps[:split])
             self._remember_cond(cond, plan_c.evaluated, cond_rows, cond_keys, labels, step)
+            if cond.gates is not None:
+                for key, state in zip(cond_keys, split_gate_state(cond.gates), strict=True):
+                    self._gate_of_row[key] = (step, state)
             composed[cond_rows] = cond.cond.to(composed.dtype)
         if plan_u is not None:
             uncond_eps = eps[split:]
@@ -180,6 +200,10 @@ class RowComposer:
                 plan_u, uncond_eps, CondResult(None, None, None, None, weights_up)
             )
             composed[uncond_rows] = uncond.to(composed.dtype)
+            residual = self.composer.residual_uncond(plan_u, uncond_eps, uncond)
+            if residual is not None:
+                for k, r in enumerate(uncond_rows):
+                    self._residual_uncond[labels[r].sample] = residual[k : k + 1]
         if from_eps is not None:
             composed = from_eps(composed, _take(inputs, torch.arange(rows)))
         for r, output in known.items():
@@ -187,6 +211,30 @@ class RowComposer:
         return composed
 
     # --- state -------------------------------------------------------------------------------------
+
+    def _cond_gates(self, keys: list[tuple[int, int]]) -> GateState | None:
+        """The gate state of these cond rows (None until each has one: the step is exact)."""
+        if not self.composer.config.gated or not all(k in self._gate_of_row for k in keys):
+            return None
+        return stack_gate_states([self._gate_of_row[k][1] for k in keys])
+
+    def _uncond_gates(self, samples: list[int], step: int) -> GateState | None:
+        """The gate state of these images' uncond rows: their first cond row's, with the maps its
+        residual was measured with when this step's cond rows already came (the uncond residual is
+        measured with the same gates) and the image's own uncond residual. None: an exact step."""
+        if not self.composer.config.gated:
+            return None
+        states = []
+        for sample in samples:
+            made = self._gate_of_row.get((sample, 0))
+            if made is None:
+                return None
+            made_at, state = made
+            latest = state.gates if made_at == step and state.gates is not None else state.latest
+            states.append(
+                GateState(latest, state.gates, state.residual_cond, self._residual_uncond.get(sample))
+            )
+        return stack_gate_states(states)
 
     def _kept_for(self, keys: list[tuple[int, int]]) -> Tensor | None:
         if self.composer.config.top_k is None or not all(k in self._kept_of_row for k in keys):

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .config import LoRAtorioConfig
+from .gating import GateState
 from .guidance import guided, recentered_uncond
+from .lora.gates import Gate
 from .weighting import (
     compose,
     mean_divergence,
@@ -44,6 +46,7 @@ COND = "cond"
 UNCOND = "uncond"
 BASE = "base"
 MERGED = "merged"
+GATED = "gated"
 
 
 class Adapter(NamedTuple):
@@ -60,11 +63,14 @@ class Row:
     adapters: (adapter index, scale) pairs active on this row; () is the base model.
     branch: ``cond`` or ``uncond``.
     samples: the batch samples (ascending) this row is evaluated for.
+    gate_factor: None for a plain row; on a gated step's gated row, what multiplies the plan's
+        gates (1 on the cond row, 1 - lam on the uncond row): its entries carry ``Gate``s.
     """
 
     adapters: tuple[tuple[int, float], ...]
     branch: str
     samples: tuple[int, ...]
+    gate_factor: float | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +81,10 @@ class StepPlan:
     composite, switch), in adapter order. selecting: this step's ``combine`` makes a top-k
     selection. kept: bool (N, B) top-k set in force on a step between selections, else None.
     named: bool (N, B) the LoRAs the prompt names, which a top-k selection keeps first; or None.
+    gates: float (N, B, 1, H, W) the gates of the plan's gated rows (which their entries carry
+    as ``Gate``s), or None when it has none. gate_state: the ``GateState`` the plan was made
+    with (``gates=``), or None. gated: a gated step (only gated rows, and the base uncond at
+    lam = 1); an exact step may hold gated rows too, to measure the residual (``gating``).
     """
 
     config: LoRAtorioConfig
@@ -89,6 +99,9 @@ class StepPlan:
     named: Tensor | None
     _row_of: dict[tuple[str, object], int] = field(repr=False)
     _offsets: tuple[int, ...] = field(repr=False)
+    gates: Tensor | None = field(default=None, repr=False)
+    gate_state: GateState | None = field(default=None, repr=False)
+    gated: bool = False
 
     @property
     def num_entries(self) -> int:
@@ -110,9 +123,24 @@ class StepPlan:
         )
 
     @property
-    def entry_adapters(self) -> tuple[tuple[tuple[int, float], ...], ...]:
-        """(adapter index, scale) pairs active on each entry."""
-        return tuple(row.adapters for row in self.rows for _ in row.samples)
+    def entry_adapters(self) -> tuple[tuple[tuple[int, float | Gate], ...], ...]:
+        """(adapter index, scale) pairs active on each entry; on a gated row the scale is a
+        ``Gate`` (the scale times the entry's sample's weight map, per position)."""
+        out = []
+        for row in self.rows:
+            if row.gate_factor is None:
+                out += [row.adapters] * len(row.samples)
+                continue
+            for s in row.samples:
+                out.append(tuple(self._gate(i, scale, row.gate_factor, s) for i, scale in row.adapters))
+        return tuple(out)
+
+    def _gate(self, adapter: int, scale: float, factor: float, sample: int) -> tuple[int, Gate]:
+        gate_map = self.gates[adapter, sample, 0]
+        context = scale * factor
+        if self.config.gate_context == "mean":
+            context *= float(gate_map.float().mean())
+        return adapter, Gate(scale * factor, gate_map, context)
 
     @property
     def num_cond_entries(self) -> int:
@@ -137,6 +165,9 @@ class StepResult:
         without top-k.
     divergence: float (N, B) mean over patches of 1 - cosine similarity to the base; NaN where
         an adapter was not evaluated for a sample; None where the mode has no base row.
+    gates: with gated steps on (``config.gated``), the ``GateState`` the next steps need (pass
+        it to the next ``plan`` as ``gates=``); None otherwise. A gated step has no weights of its
+        own (``weights`` None: the maps users see are the exact steps').
     """
 
     eps: Tensor
@@ -145,6 +176,7 @@ class StepResult:
     weights: Tensor | None
     kept: Tensor | None
     divergence: Tensor | None
+    gates: GateState | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +185,7 @@ class CondResult:
 
     cond: (B, C, H, W) the composed cond prediction. weights, kept, divergence: as in
     ``StepResult``. weights_up: (U, B, 1, H, W) the pixel weights of ``plan.evaluated``
-    (LoRAtorio mode; None otherwise).
+    (LoRAtorio mode; None otherwise). gates: as in ``StepResult``.
     """
 
     cond: Tensor
@@ -161,6 +193,7 @@ class CondResult:
     kept: Tensor | None
     divergence: Tensor | None
     weights_up: Tensor | None = None
+    gates: GateState | None = None
 
 
 class StepComposer:
@@ -179,6 +212,7 @@ class StepComposer:
         kept: Tensor | None = None,
         reselect: bool | None = None,
         named: Tensor | None = None,
+        gates: GateState | None = None,
     ) -> StepPlan:
         """The rows to evaluate at ``step`` (0-based sampler step; second-order samplers
         plan the same step twice).
@@ -190,6 +224,9 @@ class StepComposer:
         step whose cond rows already selected, in another call). named: bool (N,) or (N, B), the
         LoRAs the prompt names (``relevance.tag_relevance`` > ``relevance.NAMED``): a top-k
         selection keeps them before any other, and ranks within both groups by divergence.
+        gates: the previous step's ``StepResult.gates`` (with ``config.gated``): a step that the
+        schedule does not make exact is then a gated step, once an exact step measured its
+        residual (``gating``); None makes the step exact.
         """
         cfg_ = self.config
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
@@ -199,6 +236,9 @@ class StepComposer:
         specs = tuple(_adapter(a, i) for i, a in enumerate(adapters))
         n = len(specs)
         named = _named_mask(named, n, batch_size)
+        state = gates.check(n, batch_size) if (n and cfg_.gated and gates is not None) else None
+        if state is not None and state.ready and not cfg_.is_exact_step(step):
+            return _gated_plan(cfg_, step, specs, batch_size, cfg, state, kept)
         everyone = tuple(range(batch_size))
         uncond_loras = cfg and cfg_.recenter < 1.0
         selecting = False
@@ -235,6 +275,10 @@ class StepComposer:
                     }
             cond_keys = [BASE, *evaluated]
             uncond_keys = ([BASE] + (evaluated if uncond_loras else [])) if cfg else []
+            if cfg_.gated and not cfg_.is_exact_step(step + 1):
+                # The next step is gated: measure its residual with the gates it will use.
+                cond_keys.append(GATED)
+                uncond_keys += [GATED] if uncond_loras else []
 
         rows: list[Row] = []
         row_of: dict[tuple[str, object], int] = {}
@@ -245,6 +289,10 @@ class StepComposer:
                     rows.append(Row((), branch, everyone))
                 elif key == MERGED:
                     rows.append(Row(tuple((i, a.scale) for i, a in enumerate(specs)), branch, everyone))
+                elif key == GATED:
+                    active = tuple((i, specs[i].scale) for i in evaluated)
+                    factor = 1.0 if branch == COND else 1.0 - cfg_.recenter
+                    rows.append(Row(active, branch, everyone, factor))
                 else:
                     rows.append(Row(((key, specs[key].scale),), branch, samples_of[key]))
         offsets = [0]
@@ -264,6 +312,8 @@ class StepComposer:
             named=named,
             _row_of=row_of,
             _offsets=tuple(offsets),
+            gates=_residual_gates(cfg_, state, n, batch_size) if GATED in cond_keys else None,
+            gate_state=state,
         )
 
     def combine(self, plan: StepPlan, predictions: Tensor, guidance_scale: float | None = None) -> StepResult:
@@ -284,10 +334,13 @@ class StepComposer:
         split = plan.num_cond_entries
         cond = self.combine_cond(plan, predictions[:split])
         if not plan.cfg:
-            return StepResult(cond.cond, cond.cond, None, cond.weights, cond.kept, cond.divergence)
+            return StepResult(
+                cond.cond, cond.cond, None, cond.weights, cond.kept, cond.divergence, cond.gates
+            )
         uncond = self.combine_uncond(plan, predictions[split:], cond)
         eps = guided(cond.cond, uncond, float(guidance_scale))
-        return StepResult(eps, cond.cond, uncond, cond.weights, cond.kept, cond.divergence)
+        gates = self.uncond_residual(plan, predictions[split:], uncond, cond.gates)
+        return StepResult(eps, cond.cond, uncond, cond.weights, cond.kept, cond.divergence, gates)
 
     def combine_cond(self, plan: StepPlan, predictions: Tensor) -> CondResult:
         """The cond branch alone, for hosts whose cond and uncond rows arrive in separate calls.
@@ -298,6 +351,9 @@ class StepComposer:
         read = _Reader(plan, predictions, 0)
         if not plan.adapters:
             return CondResult(read.one(COND, BASE), _empty_weights(plan, read), None, None)
+        if plan.gated:
+            state = plan.gate_state
+            return CondResult(read.one(COND, GATED) + state.residual_cond, None, plan.kept, None, None, state)
         mode = plan.config.mode
         if mode == "merge":
             return CondResult(read.one(COND, MERGED), None, None, None)
@@ -321,6 +377,12 @@ class StepComposer:
         read = _Reader(plan, predictions, plan.num_cond_entries)
         if not plan.adapters:
             return read.one(UNCOND, BASE)
+        if plan.gated:
+            if plan.config.recenter == 1.0:
+                return read.one(UNCOND, BASE)
+            residual = plan.gate_state.residual_uncond
+            # None only where no exact step evaluated this image's uncond rows (a host skipping them)
+            return read.one(UNCOND, GATED) + (residual if residual is not None else 0.0)
         mode = plan.config.mode
         if mode == "merge":
             return read.one(UNCOND, MERGED)
@@ -331,6 +393,28 @@ class StepComposer:
         config = plan.config
         lora_uncond = read.stack(UNCOND, plan.evaluated) if config.recenter < 1.0 else None
         return recentered_uncond(read.one(UNCOND, BASE), lora_uncond, cond.weights_up, config.recenter)
+
+    def uncond_residual(
+        self, plan: StepPlan, predictions: Tensor, uncond: Tensor, state: GateState | None
+    ) -> GateState | None:
+        """``state`` (the cond branch's ``CondResult.gates``) with the uncond residual of an exact
+        step that evaluated gated uncond rows: ``uncond`` (B, C, H, W), the composed uncond branch,
+        minus their prediction. For hosts that call ``combine_uncond`` themselves.
+
+        predictions: (E - E_c, C, H, W), the plan's uncond entries."""
+        residual = self.residual_uncond(plan, predictions, uncond)
+        if state is None or residual is None:
+            return state
+        return replace(state, residual_uncond=residual)
+
+    def residual_uncond(self, plan: StepPlan, predictions: Tensor, uncond: Tensor) -> Tensor | None:
+        """(B, C, H, W) the composed uncond branch minus the gated uncond rows' prediction, on an
+        exact step that evaluated gated uncond rows; None on any other step.
+
+        predictions: (E - E_c, C, H, W), the plan's uncond entries."""
+        if plan.gated or (UNCOND, GATED) not in plan._row_of:
+            return None
+        return uncond - _Reader(plan, predictions, plan.num_cond_entries).one(UNCOND, GATED)
 
     def _check(self, plan: StepPlan, predictions: Tensor, count: int, symbol: str, what: str) -> None:
         if plan.config != self.config:
@@ -387,6 +471,52 @@ def _schedule_top_k(
     if not bool(kept.any(dim=0).all()):
         raise ValueError("kept must keep at least one LoRA for every sample")
     return kept, False
+
+
+def _gated_plan(
+    config: LoRAtorioConfig,
+    step: int,
+    specs: tuple[Adapter, ...],
+    batch_size: int,
+    cfg: bool,
+    state: GateState,
+    kept: Tensor | None,
+) -> StepPlan:
+    """A gated step: one cond row with every (kept) LoRA active and gated by ``state.gates``;
+    with CFG one uncond row, the base's at lam = 1, else the gated row at gates x (1 - lam) (the
+    linearised lam * base + (1 - lam) * LoRAs of the re-centred uncond, in one row). ``combine``
+    adds the residuals the last exact step measured."""
+    everyone = tuple(range(batch_size))
+    if kept is not None:
+        kept = kept.detach().to("cpu")
+    active = tuple((i, a.scale) for i, a in enumerate(specs) if kept is None or bool(kept[i].any()))
+    rows = [Row(active, COND, everyone, 1.0)]
+    row_of: dict[tuple[str, object], int] = {(COND, GATED): 0}
+    if cfg:
+        if config.recenter == 1.0:
+            rows.append(Row((), UNCOND, everyone))
+            row_of[(UNCOND, BASE)] = 1
+        else:
+            rows.append(Row(active, UNCOND, everyone, 1.0 - config.recenter))
+            row_of[(UNCOND, GATED)] = 1
+    offsets = tuple(batch_size * r for r in range(len(rows) + 1))
+    return StepPlan(
+        config=config,
+        step=step,
+        adapters=specs,
+        batch_size=batch_size,
+        cfg=cfg,
+        rows=tuple(rows),
+        evaluated=(),
+        selecting=False,
+        kept=kept,
+        named=None,
+        _row_of=row_of,
+        _offsets=offsets,
+        gates=state.gates,
+        gate_state=state,
+        gated=True,
+    )
 
 
 class _Reader:
@@ -450,7 +580,39 @@ def _loratorio_cond(plan: StepPlan, read: _Reader) -> CondResult:
     if config.top_k is not None:
         in_force = keep if keep is not None else torch.ones(len(used), b, dtype=torch.bool)
         kept = torch.zeros(n, b, dtype=torch.bool, device=device).index_copy_(0, index, in_force.to(device))
-    return CondResult(cond, all_weights, kept, all_divergence, weights_up)
+    return CondResult(
+        cond, all_weights, kept, all_divergence, weights_up, _next_gate_state(plan, read, cond, weights_up)
+    )
+
+
+def _residual_gates(config: LoRAtorioConfig, state: GateState | None, n: int, batch_size: int) -> Tensor:
+    """The gates an exact step measures the residual with: the newest weight maps, or uniform
+    (N, B, 1, 1, 1) ones at the first exact step."""
+    if state is not None:
+        return state.latest
+    return torch.full((n, batch_size, 1, 1, 1), 0.0 if config.gate_maps == "zero" else 1.0 / n)
+
+
+def _next_gate_state(plan: StepPlan, read: _Reader, cond: Tensor, weights_up: Tensor) -> GateState | None:
+    """After an exact step: the newest weight maps, and the cond residual when the plan measured
+    one (its gated cond row; the uncond residual follows in ``uncond_residual``)."""
+    if not plan.config.gated:
+        return None
+    # weights_up: (U, B, 1, H, W) of plan.evaluated
+    index = torch.tensor(plan.evaluated, device=weights_up.device)
+    maps = weights_up
+    if plan.config.gate_maps == "winner":
+        maps = torch.zeros_like(weights_up).scatter_(0, weights_up.argmax(0, keepdim=True), 1.0)
+    elif plan.config.gate_maps == "zero":
+        maps = torch.zeros_like(weights_up)
+    latest = maps.new_zeros((len(plan.adapters), *maps.shape[1:])).index_copy_(0, index, maps)
+    if plan.gates is None:  # no gated rows: only the newest maps change
+        if plan.gate_state is None:
+            return GateState(latest)
+        return plan.gate_state.with_latest(latest)
+    residual = cond - read.one(COND, GATED)
+    # The uncond residual is measured anew (uncond_residual), or None at lam = 1.
+    return GateState(latest, plan.gates, residual, None)
 
 
 def _mean(stack: Tensor) -> Tensor:

@@ -353,6 +353,20 @@ def test_separate_cond_and_uncond_calls_give_the_same_image(webui):
     )  # only batch-size round-off differs
 
 
+def test_the_gated_single_pass_composes_in_either_calling_pattern_and_is_recorded(webui):
+    gated = ON + [2, 1]  # exact steps 0, 2, 4; gated single rows on 1, 3, 5
+    together, _ = generate(webui, PROMPT, gated, steps=6)
+    webui.shared.opts.data["batch_cond_uncond"] = False
+    apart, _ = generate(webui, PROMPT, gated, steps=6)
+    webui.shared.opts.data["batch_cond_uncond"] = True
+    torch.testing.assert_close(apart.images[0], together.images[0], atol=3e-4, rtol=1e-3)
+    exact, _ = generate(webui, PROMPT, ON, steps=6)
+    assert not torch.allclose(together.images[0], exact.images[0], atol=1e-3)
+    info = together.infotexts[0]
+    assert "LoRAtorio exact every: 2" in info and "LoRAtorio exact first: 1" in info
+    assert "LoRAtorio exact every" not in exact.infotexts[0]
+
+
 def test_and_prompts_compose_every_sub_prompt(webui):
     """Each AND sub-prompt's cond row is composed with its own weights, the uncond re-centred with
     their mean, and A1111 sums the sub-prompts' guidance."""
@@ -575,6 +589,8 @@ def test_xyz_axes_set_the_cells_settings(webui):
         "[LoRAtorio] Temperature",
         "[LoRAtorio] Re-centering (lam)",
         "[LoRAtorio] Top-k",
+        "[LoRAtorio] Exact every (gated)",
+        "[LoRAtorio] Exact first (gated)",
     ]
     mode_axis = xyz.axis_options[1]
     runner = scripts.ScriptRunner([webui.script_class()])

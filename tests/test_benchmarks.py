@@ -25,10 +25,25 @@ def test_bench_core_prints_its_table(capsys):
     assert len([line for line in out.splitlines() if line.startswith("tiny")]) == 2
 
 
-def test_bench_step_prints_its_table(capsys):
+def test_bench_step_prints_image_times_and_ends_with_the_fast_to_merge_ratios(capsys):
     load("bench_step").main(
-        ["--device", "cpu", "--repeats", "1", "--loras", "1", "--latent", "8", "--skip-diffusers"]
+        [
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--loras",
+            "1",
+            "3",
+            "--latent",
+            "8",
+            "--steps",
+            "4",
+            "--per-step",
+        ]
+        + ["--skip-diffusers"]
     )
     out = capsys.readouterr().out
-    assert "ours/floor" in out and "seq/ours" in out
-    assert len([line for line in out.splitlines() if line.startswith("tiny")]) == 1
+    assert "fast/mg" in out and "ours/floor" in out
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("N=3 fast/merge ") and float(lines[-1].split()[-1]) > 0

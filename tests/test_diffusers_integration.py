@@ -275,3 +275,28 @@ def test_a_lora_for_another_architecture_is_refused(sd, tmp_path):
     path = random_lora(tmp_path / "xl_lora.safetensors", xl, seed=0)
     with pytest.raises(LoRAFileError, match="xl_lora.safetensors"):
         LoRAtorioDiffusers(sd, [path])
+
+
+def test_with_one_lora_the_gated_single_pass_is_the_exact_method(sd, tmp_path):
+    # One LoRA always has weight 1, so its gated row is that LoRA at full scale, the very row an
+    # exact step evaluates; at lam = 0 the uncond is that LoRA's too: gated steps change nothing.
+    path = random_lora(tmp_path / "one.safetensors", sd, seed=3, text_encoder=True)
+    exact_config = LoRAtorioConfig(recenter=0.0)
+    gated_config = exact_config.replace(exact_every=3, exact_first=1)
+    exact = LoRAtorioDiffusers(sd, [path], [0.8], exact_config)
+    gated = LoRAtorioDiffusers(sd, [path], [0.8], gated_config)
+    kwargs = dict(steps=5, height=16, width=16, output_type="latent", record_weights=True)
+    want, got = exact("a cube", **kwargs), gated("a cube", **kwargs)
+    torch.testing.assert_close(got.latents, want.latents, atol=1e-4, rtol=1e-4)
+    assert got.rows == [6, 2, 2, 6, 2]  # exact steps add the gated cond and uncond rows
+    assert [w is not None for w in got.weights] == [True, False, False, True, False]
+
+
+def test_gated_steps_run_with_several_loras_top_k_and_text_encoder_parts(sd, tmp_path):
+    paths = [random_lora(tmp_path / f"l{i}.safetensors", sd, seed=i, text_encoder=i == 0) for i in range(3)]
+    config = LoRAtorioConfig(exact_every=2, exact_first=1, top_k=2, reselect_every=2)
+    result = LoRAtorioDiffusers(sd, paths, config=config)(
+        "a cube", steps=4, height=16, width=24, output_type="latent", num_images_per_prompt=2
+    )
+    assert torch.isfinite(result.latents).all()
+    assert result.rows[1] == 2 and result.rows[3] == 2  # gated: one cond, one uncond row

@@ -50,7 +50,9 @@ def test_api_values_are_coerced_from_json_types():
         ([True, "LoRAtorio", 4, 0.01, 1.0, 7], "pool"),
         ([True, "LoRAtorio", 4, 0.01, 1.0, "", -1], "top_k"),
         (["yes"], "enabled"),
-        ([True] * 10, "at most 9"),
+        ([True, "LoRAtorio", 4, 0.01, 1.0, "", 0, 1, False, 0], "exact_every"),
+        ([True, "LoRAtorio", 4, 0.01, 1.0, "", 0, 1, False, 4, 0], "exact_first"),
+        ([True] * 12, "at most 11"),
     ],
 )
 def test_bad_api_arguments_raise_a_clear_error_naming_the_argument(values, named):
@@ -124,3 +126,17 @@ def test_patch_sizes_paste_back_from_old_and_new_infotexts(written, pasted):
     config = Settings(**{**Settings().__dict__, **from_infotext(params)}).config()
     assert config.patch_size_for((128, 128)) == (8 if written == "1/16" else int(written))
     assert parse_args([True, "LoRAtorio", pasted]).infotext()["LoRAtorio patch size"] == written
+
+
+def test_the_gated_single_pass_is_two_appended_arguments_recorded_only_when_on():
+    assert NAMES[9:] == ("exact_every", "exact_first")
+    exact = parse_args([True])
+    assert exact.config().exact_every == 1 and not exact.config().gated
+    assert "LoRAtorio exact every" not in exact.infotext()
+    fast = parse_args([True, "LoRAtorio", "1/16", 1.0, 0.5, "", 0, 1, False, 3, 2])
+    config = fast.config()
+    assert (config.exact_every, config.exact_first) == (3, 2) and config.gated
+    params = fast.infotext()
+    assert params["LoRAtorio exact every"] == 3 and params["LoRAtorio exact first"] == 2
+    pasted = from_infotext({key: str(value) for key, value in params.items()})
+    assert pasted["exact_every"] == 3 and pasted["exact_first"] == 2

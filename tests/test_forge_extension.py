@@ -51,6 +51,10 @@ def generate(forge, prompt, args=None, *, txt2img=True, with_script=True, others
     runner = scripts.ScriptRunner([*others, forge.script_class()] if with_script else list(others))
     script_args = list(args) if args is not None else runner.default_args()
     if others and args is not None:
+        from extension.args import ARGS
+
+        # our arguments in full (the API may send fewer), after the other scripts' inputs
+        script_args += [arg.default for arg in ARGS[len(script_args) :]]
         script_args = [None] * (len(runner.inputs) - len(script_args)) + script_args
     cls = (
         processing.StableDiffusionProcessingTxt2Img

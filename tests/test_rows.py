@@ -276,3 +276,53 @@ def test_recorded_weights_and_bad_labels():
     runtime.detach()
     assert set(rows.weights[0]) == {0, 1} and rows.weights[0][0].shape == (3, 4, 4)
     torch.testing.assert_close(rows.weights[0][0].sum(0), torch.ones(4, 4))
+
+
+GATED = LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=0.5, exact_every=3, exact_first=1)
+
+
+def steps_through_the_core(unet, runtime, inputs, labels, config, steps):
+    """Each step's composed cond and uncond rows by StepComposer directly (one image per row pair)."""
+    from loratorio_core import StepComposer
+    from loratorio_core.lora import evaluate_entries
+
+    composer = StepComposer(config)
+    b = len(labels) // 2
+    x, cond, uncond = inputs["x"][:b], inputs["context"][:b], inputs["context"][b:]
+    state, out = None, []
+    for step in range(steps):
+        plan = composer.plan(step, ADAPTERS, batch_size=b, gates=state)
+        batched = {
+            "x": x[plan.sample_index],
+            "t": torch.full((plan.num_entries,), 400),
+            "context": torch.cat([cond, uncond])[plan.conditioning_index],
+        }
+        eps = evaluate_entries(forward(unet), runtime, plan.entry_adapters, batched)
+        result = composer.combine(plan, eps, 5.0)
+        state = result.gates
+        out.append(torch.cat([result.cond, result.uncond]))
+    return out
+
+
+@pytest.mark.parametrize("pattern", ["one-call", "cond-then-uncond", "uncond-first", "row-by-row"])
+def test_gated_steps_through_host_rows_equal_the_core_in_every_calling_pattern(pattern):
+    unet, adapters = build()
+    inputs, labels = host_batch()
+    rows, runtime = composer_for(unet, adapters, GATED, record_weights=True)
+    chunks = {
+        "one-call": [[0, 1, 2, 3]],
+        "cond-then-uncond": [[0, 1], [2, 3]],
+        "uncond-first": [[2, 3, 0, 1]],
+        "row-by-row": [[0], [1], [2], [3]],
+    }[pattern]
+    with torch.no_grad():
+        want = steps_through_the_core(unet, runtime, inputs, labels, GATED, 5)
+        for step in range(5):
+            got = torch.zeros(4, 4, 8, 8)
+            for c in chunks:
+                got[c] = rows(
+                    forward(unet), {k: v[c] for k, v in inputs.items()}, [labels[i] for i in c], step
+                )
+            torch.testing.assert_close(got, want[step], atol=1e-5, rtol=1e-5)
+    assert set(rows.weights) == {0, 3}  # the maps users see are those of the exact steps
+    runtime.detach()

@@ -157,7 +157,7 @@ class LoRAtorioDiffusers:
         composer = StepComposer(self.config)
         named = self._named(prompts, num_images_per_prompt)
         result = GenerationResult(images=[], latents=latents)
-        kept = None
+        kept = gates = None
         with ExitStack() as attached:
             for runtime in (self.unet_runtime, *(r for _, r in self.text_runtimes)):
                 attached.enter_context(runtime)
@@ -165,8 +165,16 @@ class LoRAtorioDiffusers:
                 prompts, negatives, num_images_per_prompt, cfg, (height, width)
             )
             for index, t in enumerate(scheduler.timesteps):
-                plan = composer.plan(index, self.adapters, batch_size=batch, cfg=cfg, kept=kept, named=named)
+                plan = composer.plan(
+                    index, self.adapters, batch_size=batch, cfg=cfg, kept=kept, gates=gates, named=named
+                )
                 scaled = scheduler.scale_model_input(latents, t)
+                for row in plan.rows:  # a gated row's LoRA set (top-k's kept ones) may be new
+                    key = self._text_key(row.adapters)
+                    if key not in conditioning:
+                        conditioning[key] = self._encoded(
+                            prompts, negatives, num_images_per_prompt, cfg, (height, width), key
+                        )
                 batched = self._entry_inputs(plan, scaled, conditioning)
                 output = evaluate_entries(
                     partial(_unet_output, unet, t),
@@ -177,7 +185,7 @@ class LoRAtorioDiffusers:
                 )
                 to_eps, from_eps = _prediction_space(scheduler, t, index)
                 step = composer.combine(plan, to_eps(output, batched["x"]), guidance_scale if cfg else None)
-                kept = step.kept
+                kept, gates = step.kept, step.gates
                 latents = scheduler.step(from_eps(step.eps, scaled), t, latents, return_dict=False)[0]
                 result.rows.append(len(plan.rows))
                 result.kept.append(None if step.kept is None else step.kept.cpu())
@@ -212,13 +220,14 @@ class LoRAtorioDiffusers:
             keys.add(self._text_key(((i, adapter.scale),)))
         if self.config.mode == "merge":
             keys.add(self._text_key(tuple((i, a.scale) for i, a in enumerate(self.adapters))))
-        table = {}
-        for key in keys:
-            cache_key = (tuple(prompts), tuple(negatives), repeat, cfg, size, key)
-            if cache_key not in self._prompt_cache:
-                self._prompt_cache[cache_key] = self._encode(prompts, negatives, repeat, cfg, size, key)
-            table[key] = self._prompt_cache[cache_key]
-        return table
+        return {key: self._encoded(prompts, negatives, repeat, cfg, size, key) for key in keys}
+
+    def _encoded(self, prompts, negatives, repeat, cfg, size, key) -> dict[str, Tensor]:
+        """The prompts encoded with the text-adapter set ``key`` (cached)."""
+        cache_key = (tuple(prompts), tuple(negatives), repeat, cfg, size, key)
+        if cache_key not in self._prompt_cache:
+            self._prompt_cache[cache_key] = self._encode(prompts, negatives, repeat, cfg, size, key)
+        return self._prompt_cache[cache_key]
 
     def _encode(self, prompts, negatives, repeat, cfg, size, key) -> dict[str, Tensor]:
         pipe, device = self.pipe, self.pipe.unet.device

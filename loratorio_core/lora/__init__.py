@@ -12,12 +12,14 @@ from .files import (
     tag_frequencies,
     trigger_words,
 )
+from .gates import Gate
 from .keymap import layer_aliases
 from .runtime import LoRARuntime, evaluate_entries
 from .specs import split_scale
 
 __all__ = [
     "BoundLoRA",
+    "Gate",
     "LayerUpdate",
     "LoRAFile",
     "LoRAFileError",

@@ -19,16 +19,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .files import LayerUpdate
+from .gates import Gate, RowGates
 from .keymap import is_linear
 
-RowAdapters = Sequence[Sequence[tuple[int, float]]]
+# Per batch row, the (adapter index, scale) pairs active on it; a scale may be a ``Gate`` (a
+# scale per spatial position, on the gated rows of LoRAtorio's gated steps).
+RowAdapters = Sequence[Sequence[tuple[int, "float | Gate"]]]
 
 
 class LoRARuntime:
@@ -120,14 +122,8 @@ class LoRARuntime:
                 output = output.clone()  # the in-place adds below then stay visible to autograd
             for index, delta in deltas:
                 group = assignment.groups.get(index)
-                if group is None:
-                    continue
-                if group.rows is not None:
-                    output[group.rows].add_(delta(x[group.rows]).to(output.dtype), alpha=group.scale)
-                else:
-                    rows = group.index(x.device)
-                    scales = group.row_scales(x.device, output.dtype).view(-1, *[1] * (x.dim() - 1))
-                    output.index_add_(0, rows, delta(x.index_select(0, rows)).to(output.dtype) * scales)
+                if group is not None:
+                    group.apply(delta, x, output, name)
             return output
 
         return hook
@@ -146,11 +142,19 @@ def evaluate_entries(
 
     batched: tensors (or dicts/lists of tensors, like SDXL conditioning) whose first dimension is
     the entries; each chunk gets its slice, and the runtime (if any) that chunk's adapters.
-    The result is identical to one call over every entry.
+    With a runtime the entries are evaluated grouped by their adapters (a plan lists cond rows
+    before uncond rows, so one LoRA's cond and uncond rows lie apart): every adapter's rows are
+    then one slice of the batch, and its matmuls need no gather. The result comes back in entry
+    order, identical to one call over every entry.
     """
     total = len(row_adapters)
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise ValueError(f"max_rows must be an integer >= 1 or None; got {max_rows!r}")
+    order = adapter_major_order(row_adapters) if runtime is not None else None
+    if order is not None:
+        index = torch.tensor(order)
+        row_adapters = [row_adapters[i] for i in order]
+        batched = {key: _take(value, index) for key, value in batched.items()}
     step = total if max_rows is None else max_rows
     outputs = []
     for start in range(0, total, step):
@@ -161,7 +165,31 @@ def evaluate_entries(
         else:
             with runtime.rows(row_adapters[start:stop]):
                 outputs.append(forward(**chunk, **shared))
-    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    if order is None:
+        return output
+    inverse = torch.empty(total, dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(total)
+    return output.index_select(0, inverse.to(output.device))
+
+
+def adapter_major_order(row_adapters: RowAdapters) -> list[int] | None:
+    """Entry order grouped by the adapters active on each entry (stable: base entries first, then
+    by adapter index), or None when the entries are already in that order."""
+    keys = [tuple(index for index, _ in active) for active in row_adapters]
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return None if order == list(range(len(keys))) else order
+
+
+def _take(value, index: Tensor):
+    """``value`` (a tensor, or dicts/lists of tensors, rows on dimension 0) at rows ``index``."""
+    if isinstance(value, Tensor):
+        return value.index_select(0, index.to(value.device))
+    if isinstance(value, Mapping):
+        return {key: _take(item, index) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_take(item, index) for item in value)
+    return value
 
 
 def _slice(value, start: int, stop: int):
@@ -174,44 +202,97 @@ def _slice(value, start: int, stop: int):
     return value
 
 
-@dataclass
+# An adapter whose rows form at most this many contiguous runs (of one scale) gets one delta call
+# per run; otherwise one gather of its rows, with index and scale tensors built once per block.
+# 1: rows that ``evaluate_entries`` groups by adapter are one slice, and rows a host lays out
+# otherwise take the gather they always took (the same arithmetic, bit for bit, as before).
+MAX_RUNS = 1
+
+
 class _Group:
-    """The rows of one adapter: a contiguous slice with one scale, or rows with their scales."""
+    """The rows of one adapter in a ``rows()`` block and what multiplies its delta on each: a
+    float scale per row, or a gate (a scale per position) on gated rows. Contiguous runs of rows
+    with one scale are slices (no copy); index and scale tensors of the other cases are built
+    once per block and device, not at every layer."""
 
-    rows: slice | None
-    scale: float
-    indices: list[int]
-    scales: list[float]
+    def __init__(self, rows: list[int], scales: list, every_row: bool = False):
+        self.gates = RowGates(scales) if any(isinstance(s, Gate) for s in scales) else None
+        if every_row:
+            self.runs: list[tuple[slice, float]] | None = [(slice(None), scales[0])]
+        elif self.gates is not None:
+            contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+            self.runs = [(slice(rows[0], rows[-1] + 1), 1.0)] if contiguous else None
+        else:
+            runs = _runs(rows, scales)
+            self.runs = runs if len(runs) <= MAX_RUNS else None
+        self.indices = rows
+        self.scales = scales
+        self._tensors: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor | None]] = {}
 
-    def index(self, device: torch.device) -> Tensor:
-        return torch.tensor(self.indices, dtype=torch.long, device=device)
+    def apply(self, delta: _Delta, x: Tensor, output: Tensor, name: str) -> None:
+        """output[rows] += multiplier * delta(x[rows]), in place."""
+        if self.gates is not None:
+            if self.runs is not None:
+                rows = self.runs[0][0]
+                change = delta(x[rows]).to(output.dtype)
+                output[rows].add_(change * self.gates.multiplier(name, change.shape, x.device, output.dtype))
+                return
+            index, _ = self._index(x.device, output.dtype)
+            change = delta(x.index_select(0, index)).to(output.dtype)
+            gate = self.gates.multiplier(name, change.shape, x.device, output.dtype)
+            output.index_add_(0, index, change * gate)
+            return
+        if self.runs is not None:
+            for rows, scale in self.runs:
+                output[rows].add_(delta(x[rows]).to(output.dtype), alpha=scale)
+            return
+        index, scales = self._index(x.device, output.dtype)
+        change = delta(x.index_select(0, index)).to(output.dtype)
+        output.index_add_(0, index, change * scales.view(-1, *[1] * (x.dim() - 1)))
 
-    def row_scales(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        return torch.tensor(self.scales, dtype=dtype, device=device)
+    def _index(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+        key = (device, dtype)
+        if key not in self._tensors:
+            index = torch.tensor(self.indices, dtype=torch.long, device=device)
+            scales = None
+            if self.gates is None:
+                scales = torch.tensor(self.scales, dtype=dtype, device=device)
+            self._tensors[key] = (index, scales)
+        return self._tensors[key]
+
+
+def _runs(rows: list[int], scales: list[float]) -> list[tuple[slice, float]]:
+    """Rows (ascending) with their scales -> maximal runs of consecutive rows with one scale."""
+    runs: list[tuple[slice, float]] = []
+    start = 0
+    for k in range(1, len(rows) + 1):
+        if k == len(rows) or rows[k] != rows[k - 1] + 1 or scales[k] != scales[start]:
+            runs.append((slice(rows[start], rows[k - 1] + 1), scales[start]))
+            start = k
+    return runs
 
 
 class _Assignment:
     def __init__(self, row_adapters: RowAdapters, num_adapters: int, every_row: bool = False):
         self.num_rows = None if every_row else len(row_adapters)
-        per_adapter: dict[int, tuple[list[int], list[float]]] = {}
+        per_adapter: dict[int, tuple[list[int], list]] = {}
         for row, active in enumerate(row_adapters):
             for index, scale in active:
                 if not (isinstance(index, int) and 0 <= index < num_adapters):
                     raise ValueError(f"row {row} names adapter {index!r}; the runtime has {num_adapters}")
-                if not math.isfinite(scale):
+                if isinstance(scale, Gate):
+                    if every_row:
+                        raise ValueError("everywhere() takes float scales, not gates: gates belong to rows")
+                elif not math.isfinite(scale):
                     raise ValueError(f"row {row} gives adapter {index} a scale that is not finite: {scale!r}")
+                else:
+                    scale = float(scale)
                 rows, scales = per_adapter.setdefault(index, ([], []))
                 rows.append(row)
-                scales.append(float(scale))
-        self.groups: dict[int, _Group] = {}
-        for index, (rows, scales) in per_adapter.items():
-            if every_row:
-                self.groups[index] = _Group(slice(None), scales[0], rows, scales)
-                continue
-            contiguous = rows == list(range(rows[0], rows[0] + len(rows))) and len(set(scales)) == 1
-            self.groups[index] = _Group(
-                slice(rows[0], rows[-1] + 1) if contiguous else None, scales[0], rows, scales
-            )
+                scales.append(scale)
+        self.groups: dict[int, _Group] = {
+            index: _Group(rows, scales, every_row) for index, (rows, scales) in per_adapter.items()
+        }
 
 
 class _Delta:

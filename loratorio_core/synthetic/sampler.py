@@ -113,6 +113,7 @@ class _Lockstep:
         self.conds = [model.encode_text([job.prompt] * len(job.seeds)) for job in jobs]
         self.uncond = model.encode_text([[]])[0]
         self.kept: list[Tensor | None] = [None] * len(jobs)
+        self.gates: list[Tensor | None] = [None] * len(jobs)
         self.rows = [0.0] * len(jobs)
         self.weights: list[list[Tensor]] | None = [[] for _ in jobs] if record_weights else None
 
@@ -124,7 +125,9 @@ class _Lockstep:
         for j, job in enumerate(self.jobs):
             adapters = [Adapter(n, scale) for n in job.loras]
             named = None if job.named is None else torch.tensor([n in job.named for n in job.loras])
-            plan = composer.plan(step, adapters, batch_size=len(job.seeds), kept=self.kept[j], named=named)
+            plan = composer.plan(
+                step, adapters, batch_size=len(job.seeds), kept=self.kept[j], named=named, gates=self.gates[j]
+            )
             plans.append(plan)
             x_in.append(self.latents[j][plan.sample_index])
             both = torch.cat([self.conds[j], self.uncond.expand_as(self.conds[j])])
@@ -159,6 +162,8 @@ def sample(
         for step, t in enumerate(times):
             plans, x, context, entry_adapters = state.plan_all(composer, step, index, scale)
             a = alphas[t]
+            # In plan order, as the benchmark's published images were made (grouping the rows by
+            # adapter would change float sums in their last bits).
             with runtime.rows(entry_adapters):
                 output = model.unet(x, torch.full((x.shape[0],), t), context)
             eps_all = eps_from_prediction(model.prediction, output, x, a)
@@ -168,6 +173,7 @@ def sample(
                 result = composer.combine(plan, eps_all[start : start + plan.num_entries], guidance)
                 start += plan.num_entries
                 state.kept[j] = result.kept
+                state.gates[j] = result.gates
                 if state.weights is not None and result.weights is not None:
                     state.weights[j].append(result.weights)
                 state.latents[j] = ddim_step(state.latents[j], result.eps, a, a_prev)
