@@ -1,7 +1,8 @@
 """Composition quality on the synthetic ComposLoRA (offline, CPU): every method, every N.
 
-    python benchmarks/quality.py                      # the test half, 2 seeds a set (the README table)
-    python benchmarks/quality.py --sets dev --limit 8 --seeds 1   # a quick look
+    python benchmarks/quality.py                 # the test halves, 12 sets of each N, 2 seeds (README)
+    python benchmarks/quality.py --per-n 0 --seeds 1 --gated   # every test set, gated rows too
+    python benchmarks/quality.py --sets dev --limit 8 --steps 4   # a quick look
 
 For each composition set (2-5 LoRAs, one character) and seed, each method generates an image
 from the same starting noise and prompt; the detectors say which of the set's concepts are in it.
@@ -81,32 +82,37 @@ class Method:
     base: bool = False
 
 
-# Each weighting rule's temperature, chosen on the dev halves (benchmarks/sweep.py).
-RULE_TEMPERATURES = {"softmin": 1.0, "spread": 2.0, "median": 5.0, "power": 3.0, "rank": 3.0}
+# Each weighting rule's temperature, chosen on the dev halves of both benchmarks
+# (benchmarks/sweep.py); softmin is the paper's rule, the reference.
+RULE_TEMPERATURES = {"softmin": 1.0, "spread": 4.0, "median": 10.0, "power": 5.0, "rank": 4.0}
 
 
-def methods(patch_size: int = 1, temperature: float = 1.0) -> list[Method]:
-    lr = LoRAtorioConfig(patch_size=patch_size, temperature=temperature)
+def methods(patch_size: int = 1, gated: bool = False) -> list[Method]:
+    """The table's rows at the benchmark's patch side: the baselines, LoRAtorio at the shipped
+    defaults and at lam = 1, the ablations, every other weighting rule at its temperature, the
+    pool rows, and with ``gated`` the gated single pass at several K."""
+    default = LoRAtorioConfig(patch_size=patch_size)
     rules = [
-        Method(f"rule {rule} tau={tau:g}", lr.replace(weighting=rule, temperature=tau))
+        Method(f"rule {rule} tau={tau:g}", default.replace(weighting=rule, temperature=tau))
         for rule, tau in RULE_TEMPERATURES.items()
+        if (rule, tau) != (default.weighting, default.temperature)  # that row is the default's
     ]
     return [
         Method("base alone", LoRAtorioConfig(mode="merge"), base=True),
         Method("merge", LoRAtorioConfig(mode="merge")),
         Method("switch", LoRAtorioConfig(mode="switch")),
         Method("composite", LoRAtorioConfig(mode="composite")),
-        Method("LoRAtorio lam=0.5", lr.replace(recenter=0.5)),
-        Method("LoRAtorio lam=1", lr.replace(recenter=1.0)),
+        Method("LoRAtorio (defaults)", default),
+        Method("LoRAtorio lam=1", default.replace(recenter=1.0)),
         # What the patch weighting adds: the same re-centred guidance with uniform weights
         # (tau -> infinity) and with all weight on the most divergent LoRA (tau -> 0).
-        Method("ablation: uniform", lr.replace(temperature=1e9)),
-        Method("ablation: winner-take-all", lr.replace(temperature=1e-9)),
+        Method("ablation: uniform", default.replace(weighting="softmin", temperature=1e9)),
+        Method("ablation: winner-take-all", default.replace(weighting="softmin", temperature=1e-9)),
         *rules,
         Method("pool: merge all", LoRAtorioConfig(mode="merge"), pool="all"),
-        Method("pool: top-k=N divergence", lr.replace(recenter=1.0), pool="divergence"),
-        Method("pool: top-k=N tags", lr.replace(recenter=1.0), pool="tags"),
-        *gated_methods(lr),
+        Method("pool: top-k=N divergence", default, pool="divergence"),
+        Method("pool: top-k=N tags", default, pool="tags"),
+        *(gated_methods(default) if gated else []),
     ]
 
 
@@ -240,14 +246,17 @@ def summarize(bench: ModuleType, records: list[dict], boot: int = 1000, seed: in
     rate = {n: sum(map(all_present, rs)) / len(rs) for n, rs in by_n.items()}
     gen = torch.Generator().manual_seed(seed)
     draws = torch.zeros(boot)
-    for rs in by_n.values():
+    ci_n = {}
+    for n, rs in by_n.items():
         # Resample sets (all seeds of a set together), within N.
         per_set: dict[tuple, list[float]] = {}
         for r in rs:
             per_set.setdefault(r["set"], []).append(all_present(r))
         values = torch.tensor([sum(v) / len(v) for v in per_set.values()])
         pick = torch.randint(0, len(values), (boot, len(values)), generator=gen)
-        draws += values[pick].mean(1) / len(sizes)
+        draws_n = values[pick].mean(1)
+        ci_n[n] = (float(draws_n.quantile(0.025)), float(draws_n.quantile(0.975)))
+        draws += draws_n / len(sizes)
     recall = {}
     category_of = {c.name: c.category for c in bench.CONCEPTS}
     for category in bench.CATEGORIES:
@@ -257,6 +266,7 @@ def summarize(bench: ModuleType, records: list[dict], boot: int = 1000, seed: in
         "rate": rate,
         "avg": sum(rate.values()) / len(rate),
         "ci": (float(draws.quantile(0.025)), float(draws.quantile(0.975))),
+        "ci_n": ci_n,
         "recall": recall,
         "rmse": sum(r["rmse"] for r in records) / len(records),
         "rows": sum(r["rows"] for r in records) / len(records),
@@ -289,6 +299,15 @@ def table(bench: ModuleType, results: dict[str, list[dict]]) -> str:
             + "".join(f"{100 * s['recall'][c]:6.1f}" for c in bench.CATEGORIES)
             + f" | {s['rmse']:7.3f} {s['rows']:6.0f} {_two(s['win'])} {_two(s['uniform'])}"
         )
+    lines += [
+        "",
+        "95% intervals of all-present per N (sets resampled):",
+        head[:24] + "".join(f"{'N=' + str(n):>14}" for n in sizes),
+    ]
+    for label, records in results.items():
+        ci_n = summarize(bench, records)["ci_n"]
+        cells = [f"[{100 * ci_n[n][0]:.0f},{100 * ci_n[n][1]:.0f}]" for n in sizes]
+        lines.append(f"{label:<24}" + "".join(f"{cell:>14}" for cell in cells))
     return "\n".join(lines)
 
 
@@ -296,12 +315,25 @@ def _two(value: float) -> str:
     return f"{'':>5}" if value != value else f"{value:5.2f}"
 
 
-def selected_sets(bench: ModuleType, which: str, limit: int | None) -> list[tuple[str, ...]]:
-    """The split's sets; with ``limit``, that many spread evenly over it (every N represented)."""
+def selected_sets(
+    bench: ModuleType, which: str, limit: int | None, per_n: int | None = None
+) -> list[tuple[str, ...]]:
+    """The split's sets; with ``limit``, that many spread evenly over it (every N represented);
+    with ``per_n``, that many of each N, spread evenly within it (the same interval width at
+    every N, which the split's 12/36/48/24 sets at N = 2..5 do not give)."""
     sets = bench.sets(which)
-    if limit is not None and limit < len(sets):
-        sets = [sets[round(i * (len(sets) - 1) / max(limit - 1, 1))] for i in range(limit)]
-    return sets
+    if per_n is not None:
+        by_n: dict[int, list[tuple[str, ...]]] = {}
+        for s in sets:
+            by_n.setdefault(len(s), []).append(s)
+        return [s for group in by_n.values() for s in _spread(group, per_n)]
+    return _spread(sets, limit) if limit is not None else sets
+
+
+def _spread(items: list, count: int) -> list:
+    if count >= len(items):
+        return items
+    return [items[round(i * (len(items) - 1) / max(count - 1, 1))] for i in range(count)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -311,9 +343,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--benchmark", default="all", help=f"all, or one of {', '.join(BENCHMARKS)}")
     parser.add_argument("--sets", choices=("dev", "test"), default="test")
     parser.add_argument("--seeds", type=int, default=2, help="images per set and method")
-    parser.add_argument("--limit", type=int, default=None, help="use this many sets (spread over N)")
+    parser.add_argument("--per-n", type=int, default=12, help="sets of each N (0: the whole split)")
+    parser.add_argument("--limit", type=int, default=None, help="instead: this many sets in all")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the benchmark's)")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--gated", action="store_true", help="add the gated single pass at several K")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--methods", default=None, help="comma-separated labels' prefixes (default: all)")
     args = parser.parse_args(argv)
@@ -322,11 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         bench = benchmark(name)
         patch_size = patch_size_of(bench)
-        chosen = methods(patch_size, args.temperature)
+        chosen = methods(patch_size, args.gated)
         if args.methods:
             prefixes = [p.strip().lower() for p in args.methods.split(",")]
             chosen = [m for m in chosen if any(m.label.lower().startswith(p) for p in prefixes)]
-        sets = selected_sets(bench, args.sets, args.limit)
+        per_n = None if args.limit or not args.per_n else args.per_n
+        sets = selected_sets(bench, args.sets, args.limit, per_n)
         jobs = bench.jobs_for(sets, args.seeds)
         steps = args.steps or bench.STEPS
         results = evaluate(name, chosen, jobs, steps, args.workers)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loratorio_core import LoRAtorioConfig, infotext
-from loratorio_core.config import format_patch, parse_patch
+from loratorio_core.config import WEIGHTINGS, format_patch, parse_patch
 
 # UI labels of the modes -> the core's names.
 MODE_LABELS = {label: mode for mode, label in infotext.MODE_LABELS.items()}
@@ -30,13 +30,16 @@ class PatchSize:
 
 @dataclass(frozen=True)
 class Arg:
-    """One script argument: its name, type, default, and the infotext key that records it."""
+    """One script argument: its name, type, default, and the infotext key that records it.
+    absent: its value when a LoRAtorio infotext lacks the key (the infotext writes some keys only
+    when they are on, and older versions wrote fewer); None leaves the field as it is."""
 
     name: str
     kind: type
     default: object
     infotext: str
     help: str
+    absent: object = None
 
 
 ARGS: tuple[Arg, ...] = (
@@ -51,8 +54,8 @@ ARGS: tuple[Arg, ...] = (
     ),
     Arg("temperature", float, _DEFAULTS.temperature, infotext.TEMPERATURE, "SoftMin temperature"),
     Arg("recenter", float, _DEFAULTS.recenter, infotext.RECENTER, "lam of the re-centred uncond"),
-    Arg("pool", str, "", infotext.POOL, "a named pool or a folder of LoRAs to choose from"),
-    Arg("top_k", int, 0, infotext.TOP_K, "keep the k most relevant LoRAs per image (0: all)"),
+    Arg("pool", str, "", infotext.POOL, "a named pool or a folder of LoRAs to choose from", absent=""),
+    Arg("top_k", int, 0, infotext.TOP_K, "keep the k most relevant LoRAs per image (0: all)", absent=0),
     Arg(
         "reselect_every",
         int,
@@ -67,6 +70,7 @@ ARGS: tuple[Arg, ...] = (
         _DEFAULTS.exact_every,
         infotext.EXACT_EVERY,
         "gated single pass: exact steps every K-th step (1: every step, the method as written)",
+        absent=1,
     ),
     Arg(
         "exact_first",
@@ -74,6 +78,15 @@ ARGS: tuple[Arg, ...] = (
         _DEFAULTS.exact_first,
         infotext.EXACT_FIRST,
         "gated single pass: how many leading steps are exact",
+    ),
+    Arg(
+        "weighting",
+        str,
+        _DEFAULTS.weighting,
+        infotext.WEIGHTING,
+        f"how divergences become patch weights: {', '.join(WEIGHTINGS)} (softmin: the paper's; "
+        "power: the default, its temperature means the same on every model)",
+        absent="softmin",  # pictures from before the setting were all made with softmin
     ),
 )
 NAMES = tuple(arg.name for arg in ARGS)
@@ -94,6 +107,7 @@ class Settings:
     show_maps: bool = False
     exact_every: int = _DEFAULTS.exact_every
     exact_first: int = _DEFAULTS.exact_first
+    weighting: str = _DEFAULTS.weighting
 
     def config(self, num_loras: int | None = None) -> LoRAtorioConfig:
         """The core's config. With ``num_loras``, a top-k of at least that many keeps them all."""
@@ -103,6 +117,7 @@ class Settings:
         return LoRAtorioConfig(
             mode=MODE_LABELS[self.mode],
             **parse_patch(self.patch_size),
+            weighting=self.weighting,
             temperature=self.temperature,
             recenter=self.recenter,
             top_k=top_k if MODE_LABELS[self.mode] == "loratorio" else None,
@@ -131,6 +146,11 @@ def parse_args(values: Sequence[object]) -> Settings:
         raise ValueError(
             f"LoRAtorio argument 1 (mode) must be one of {', '.join(MODE_LABELS)}; got {settings.mode!r}"
         )
+    if settings.weighting not in WEIGHTINGS:
+        raise ValueError(
+            f"LoRAtorio argument {NAMES.index('weighting')} (weighting) must be one of "
+            f"{', '.join(WEIGHTINGS)}; got {settings.weighting!r}"
+        )
     if settings.top_k < 0:
         raise ValueError(f"LoRAtorio argument 6 (top_k) must be 0 (off) or more; got {settings.top_k}")
     try:
@@ -146,7 +166,9 @@ def from_infotext(params: dict[str, str]) -> dict[str, object]:
         return {}
     out: dict[str, object] = {"enabled": True}
     for index, arg in enumerate(ARGS):
-        if arg.infotext and arg.infotext in params and arg.name != "enabled":
+        if arg.infotext and arg.infotext not in params and arg.absent is not None:
+            out[arg.name] = arg.absent
+        elif arg.infotext and arg.infotext in params and arg.name != "enabled":
             try:
                 out[arg.name] = _coerce(index, arg, params[arg.infotext])
             except ValueError:

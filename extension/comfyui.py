@@ -26,15 +26,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from loratorio_core import Adapter, LoRAtorioConfig
 from loratorio_core.guidance import denoised_from_eps, eps_from_denoised
-from loratorio_core.lora import LoRARuntime, bind_lora, layer_aliases, load_lora
+from loratorio_core.lora import (
+    LoRARuntime,
+    bind_lora,
+    layer_aliases,
+    load_lora,
+    read_metadata,
+    tag_frequencies,
+)
 from loratorio_core.lora.files import LoRAFileError
 from loratorio_core.maps import PALETTE, weight_overlay
+from loratorio_core.relevance import named_by_prompts
 from loratorio_core.rows import RowComposer, RowLabel
 
 WRAPPER_KEY = "loratorio"  # our key in ComfyUI's wrapper lists and in model_options
@@ -73,6 +82,7 @@ class Composition:
     area_ids: dict = field(default_factory=dict)  # this pass's areas, numbered (stable over steps)
     passes: list[RowComposer] = field(default_factory=list)
     steps_seen: set[int] = field(default_factory=set)  # the current pass's steps (the baselines' maps)
+    named: Tensor | None = None  # (N, 1) what the workflow asks for, which top-k keeps first
 
     def __deepcopy__(self, memo) -> Composition:
         return self  # ComfyUI deep-copies model_options on every clone: all clones share this
@@ -88,7 +98,12 @@ class Composition:
         if schedule is None or schedule is not self.schedule:
             self.schedule = schedule
             self.rows = RowComposer(
-                self.config, self.adapters, self.runtime, max_rows=self.max_rows, record_weights=True
+                self.config,
+                self.adapters,
+                self.runtime,
+                max_rows=self.max_rows,
+                record_weights=True,
+                named=self.named if self.config.top_k is not None else None,
             )
             self.passes = [*self.passes[-7:], self.rows]
             self.steps_seen, self.area_ids = set(), {}
@@ -295,13 +310,20 @@ def bind_unet_layers(unet: torch.nn.Module, entries: Sequence[StackEntry]) -> li
     return layers
 
 
-def compose_model(model, entries: Sequence[StackEntry], config: LoRAtorioConfig, max_rows: int | None = None):
+def compose_model(
+    model,
+    entries: Sequence[StackEntry],
+    config: LoRAtorioConfig,
+    max_rows: int | None = None,
+    named: Tensor | None = None,
+):
     """A clone of ComfyUI's ``model`` (a ModelPatcher) whose sampling composes ``entries``' UNet
-    parts per row; ``model`` itself is left as it was."""
+    parts per row; ``model`` itself is left as it was. named: bool (N, 1), the entries the workflow
+    asks for (``named_entries``), which a top-k selection keeps first."""
     unet = model.model.diffusion_model
     layers = bind_unet_layers(unet, entries)
     adapters = [Adapter(entry.name, entry.strength_model) for entry in entries]
-    composition = Composition(config, adapters, LoRARuntime(unet, layers), max_rows=max_rows)
+    composition = Composition(config, adapters, LoRARuntime(unet, layers), max_rows=max_rows, named=named)
     clone = model.clone()
     previous = clone.model_options.get("model_function_wrapper")
     try:
@@ -320,6 +342,13 @@ def compose_model(model, entries: Sequence[StackEntry], config: LoRAtorioConfig,
     )
     clone.model_options[WRAPPER_KEY] = composition
     return clone
+
+
+def named_entries(stack: Sequence[StackEntry], pool: Sequence[StackEntry], prompt: str = "") -> Tensor | None:
+    """(N, 1) bool over ``stack`` then ``pool``: the stack's LoRAs (the workflow names them) and the
+    pool's whose training tags (kohya ``ss_tag_frequency``) the prompt names; None when nothing is."""
+    tags = [{} for _ in stack] + [tag_frequencies(read_metadata(Path(entry.path))) for entry in pool]
+    return named_by_prompts([prompt], tags, asked=[True] * len(stack) + [False] * len(pool))
 
 
 def text_encoder_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from loratorio_core import LoRAtorioConfig
-from loratorio_core.config import parse_patch
+from loratorio_core.config import WEIGHTINGS, parse_patch
 from loratorio_core.lora import split_scale
 
 from . import comfyui
@@ -178,7 +178,22 @@ MODE_TIP = (
     "step), merge (all merged, as LoraLoader)."
 )
 PATCH_TIP = "Patch side: a fraction of the latent's shorter side ('1/16') or latent pixels ('4')."
-TEMPERATURE_TIP = "SoftMin temperature (lower: the most divergent LoRA takes more of a patch)."
+TEMPERATURE_TIP = (
+    "The weighting rule's temperature (lower: the most divergent LoRA takes more of a patch; power's "
+    "5: weights grow as divergence ** 0.2)."
+)
+WEIGHTING_TIP = (
+    "How a patch's divergences become weights: power (default; its temperature means the same on "
+    "every model), softmin (the paper's rule), spread, median, rank."
+)
+PROMPT_TIP = (
+    "With a pool and top_k: the positive prompt's text. The pool's LoRAs whose training tags (their "
+    "trigger words) it names are kept first; the stack's LoRAs always are."
+)
+GATED_TIP = (
+    "Exact steps every K-th step (1: every step, the method as written); between them one row with "
+    "every LoRA gated by its latest weight map (faster)."
+)
 LAM_TIP = (
     "Re-centring of the negative branch on the base model (paper: 0.5); 1 is faster (no LoRA runs "
     "the negative prompt)."
@@ -234,6 +249,13 @@ class ApplyLoRAtorio:
                 "rows_per_forward": _number(
                     "INT", 0, 0, 4096, "Most UNet rows per forward (memory); 0: no limit."
                 ),
+                # optional, so workflows saved before these inputs existed still load
+                "weighting": (list(WEIGHTINGS), {"default": defaults.weighting, "tooltip": WEIGHTING_TIP}),
+                "exact_every": _number("INT", defaults.exact_every, 1, 1000, GATED_TIP),
+                "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": PROMPT_TIP}),
+                "exact_first": _number(
+                    "INT", defaults.exact_first, 1, 1000, "With exact_every > 1: leading exact steps."
+                ),
             },
         }
 
@@ -250,6 +272,10 @@ class ApplyLoRAtorio:
         pool=None,
         switch_every=5,
         rows_per_forward=0,
+        weighting=None,
+        exact_every=1,
+        exact_first=3,
+        prompt="",
     ):
         entries = list(stack or [])
         pool_entries = [e for e in (pool or {}).get("entries", []) if e.name not in {s.name for s in entries}]
@@ -264,16 +290,33 @@ class ApplyLoRAtorio:
             len(entries) + len(pool_entries),
             reselect_every=(pool or {}).get("reselect_every", 1),
             switch_every=switch_every,
+            weighting=weighting,
+            exact_every=exact_every,
+            exact_first=exact_first,
         )
         if not entries + pool_entries:
             raise ValueError("Apply LoRAtorio: the stack has no LoRA; add a LoRAtorio LoRA stack node")
         max_rows = int(rows_per_forward) or None
-        composed = comfyui.compose_model(model, entries + pool_entries, config, max_rows=max_rows)
+        named = comfyui.named_entries(entries, pool_entries, prompt) if config.top_k is not None else None
+        composed = comfyui.compose_model(
+            model, entries + pool_entries, config, max_rows=max_rows, named=named
+        )
         return composed, comfyui.apply_text_encoders(clip, entries)
 
 
 def settings_config(
-    mode, patch_size, temperature, lam, top_k, num_loras, *, reselect_every=1, switch_every=5
+    mode,
+    patch_size,
+    temperature,
+    lam,
+    top_k,
+    num_loras,
+    *,
+    reselect_every=1,
+    switch_every=5,
+    weighting=None,
+    exact_every=1,
+    exact_first=3,
 ):
     """The node's inputs as the core's config; ValueError naming the input for a bad value."""
     if mode not in MODES:
@@ -285,11 +328,14 @@ def settings_config(
         return LoRAtorioConfig(
             mode=mode,
             **parse_patch(patch_size),
+            weighting=str(weighting or LoRAtorioConfig().weighting),
             temperature=float(temperature),
             recenter=float(lam),
             top_k=top,
             reselect_every=int(reselect_every),
             switch_every=int(switch_every),
+            exact_every=int(exact_every),
+            exact_first=int(exact_first),
         )
     except ValueError as error:
         raise ValueError(f"Apply LoRAtorio: {error}") from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from loratorio_core.config import WEIGHTINGS, LoRAtorioConfig
+
 from .args import PATCH_CHOICES
 
 SECTION = ("loratorio", "LoRAtorio")
@@ -37,9 +39,17 @@ OPTIONS = {
         "dropdown",
         {"choices": PATCH_CHOICES},
     ),
-    "loratorio_default_temperature": (
-        1.0,
-        "Default temperature",
+    "loratorio_default_weighting": (
+        LoRAtorioConfig().weighting,
+        "Default weighting rule (power: its temperature means the same on every model; softmin: the paper's)",
+        "dropdown",
+        {"choices": list(WEIGHTINGS)},
+    ),
+    # A new key, as for the patch: the old "loratorio_default_temperature" (1.0, softmin's) sits in
+    # users' saved settings and would give the power rule a temperature nobody chose for it.
+    "loratorio_default_tau": (
+        LoRAtorioConfig().temperature,
+        "Default temperature of the weighting rule",
         "slider",
         {"minimum": 0.001, "maximum": 10.0, "step": 0.001},
     ),

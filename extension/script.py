@@ -11,6 +11,7 @@ from modules import script_callbacks, scripts
 from modules.ui_components import InputAccordion, ToolButton
 
 from loratorio_core import infotext
+from loratorio_core.config import WEIGHTINGS
 
 from . import hosts, options, session, tab, xyz
 from .args import ARGS, MODE_LABELS, NAMES, PATCH_CHOICES, Settings, from_infotext, parse_args
@@ -35,7 +36,8 @@ class LoRAtorioScript(scripts.Script):
         xyz.register()  # when xyz_grid loaded before us (API-only mode runs ui() before on_before_ui)
         defaults = Settings(
             patch_size=_default_patch(),
-            temperature=float(options.get("loratorio_default_temperature")),
+            weighting=_default_weighting(),
+            temperature=float(options.get("loratorio_default_tau")),
             recenter=float(options.get("loratorio_default_recenter")),
         )
         with InputAccordion(False, label="LoRAtorio", elem_id=self.elem_id("enabled")) as enabled:
@@ -44,13 +46,13 @@ class LoRAtorioScript(scripts.Script):
                     choices=list(MODE_LABELS), value=defaults.mode, label="Mode", elem_id=self.elem_id("mode")
                 )
             with gr.Row():
-                patch_size, temperature, recenter = self._method_controls(defaults)
+                patch_size, weighting, temperature, recenter = self._method_controls(defaults)
             with gr.Row():
                 pool, top_k, reselect_every = self._pool_controls(defaults)
             show_maps = gr.Checkbox(value=False, label="Show weight maps", elem_id=self.elem_id("show_maps"))
             exact_every, exact_first = _gated_controls(self, defaults)
         controls = [enabled, mode, patch_size, temperature, recenter, pool, top_k, reselect_every, show_maps]
-        controls += [exact_every, exact_first]
+        controls += [exact_every, exact_first, weighting]
         self.infotext_fields = [
             (control, _paste(arg.name)) for control, arg in zip(controls, ARGS, strict=True) if arg.infotext
         ]
@@ -58,7 +60,7 @@ class LoRAtorioScript(scripts.Script):
         return controls
 
     def _method_controls(self, defaults: Settings) -> tuple:
-        """Patch size, temperature and re-centering, in the row ``ui`` opened."""
+        """Patch size, weighting rule, temperature and re-centering, in the row ``ui`` opened."""
         # a fraction of the latent's side (each pass its own size) or absolute latent pixels
         patch_size = gr.Dropdown(
             choices=PATCH_CHOICES,
@@ -66,6 +68,12 @@ class LoRAtorioScript(scripts.Script):
             allow_custom_value=True,
             label="Patch size",
             elem_id=self.elem_id("patch_size"),
+        )
+        weighting = gr.Dropdown(
+            choices=list(WEIGHTINGS),
+            value=defaults.weighting,
+            label="Weighting",
+            elem_id=self.elem_id("weighting"),
         )
         temperature = gr.Slider(
             0.001,
@@ -83,7 +91,7 @@ class LoRAtorioScript(scripts.Script):
             label="Re-centering (lam)",
             elem_id=self.elem_id("recenter"),
         )
-        return patch_size, temperature, recenter
+        return patch_size, weighting, temperature, recenter
 
     def _pool_controls(self, defaults: Settings) -> tuple:
         """Pool (with its refresh button), top-k and reselect-every, in the row ``ui`` opened."""
@@ -183,6 +191,12 @@ def _default_patch() -> str:
         return parse_args([False, "LoRAtorio", options.get("loratorio_default_patch")]).patch_size
     except ValueError:
         return Settings().patch_size
+
+
+def _default_weighting() -> str:
+    """The settings' default weighting rule; the built-in default for a hand-edited unknown one."""
+    rule = str(options.get("loratorio_default_weighting"))
+    return rule if rule in WEIGHTINGS else Settings().weighting
 
 
 def _runner_has_sampling_hook(p) -> bool:

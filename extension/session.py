@@ -15,8 +15,11 @@ from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
+import torch
+
 from loratorio_core import Adapter
 from loratorio_core.lora import LayerUpdate, LoRARuntime
+from loratorio_core.relevance import named_by_prompts
 from loratorio_core.rows import RowComposer
 
 from .args import Settings
@@ -36,6 +39,7 @@ class Session:
     passes: list = field(default_factory=list)  # (batch number, composer) of each sampling pass
     batch_size: int = 1
     per_lora_text: bool = False  # each LoRA's rows see the prompt as its own text-encoder part encodes it
+    pool_tags: dict[str, dict[str, int]] = field(default_factory=dict)  # pool LoRA -> its training tags
 
     def warn(self, message: str) -> None:
         """Tell the user in the console, as WebUI extensions do (kept for tests too)."""
@@ -70,22 +74,34 @@ class Session:
     def compose(self, p, unet, adapters: list[Adapter], layers: list[Mapping[str, LayerUpdate]]) -> None:
         """Start this pass's composition of ``adapters`` (their UNet ``layers``) on ``unet``."""
         self.adapters = adapters
+        config = self.settings.config(len(adapters))
         self.runtime = LoRARuntime(unet, layers).attach()
         self.rows = RowComposer(
-            self.settings.config(len(adapters)),
+            config,
             adapters,
             self.runtime,
             max_rows=self.max_rows,
             record_weights=self.settings.show_maps,
+            named=self.named(p, adapters) if config.top_k is not None else None,
         )
         self.passes.append((getattr(p, "iteration", 0), self.rows))
         self.batch_size = getattr(p, "batch_size", 1)
         p.extra_generation_params.update(self.settings.infotext())  # recorded only once composed
 
+    def named(self, p, adapters: list[Adapter]) -> torch.Tensor | None:
+        """(N, images) what each image of the batch asks for, which top-k keeps first: the prompt's
+        own LoRAs (its ``<lora:...>`` tags brought them) and the pool's LoRAs whose training tags
+        its prompt names."""
+        batch = getattr(p, "batch_size", 1)
+        prompts = list(getattr(p, "prompts", None) or [getattr(p, "prompt", "")] * batch)
+        tags = [self.pool_tags.get(a.name, {}) for a in adapters]
+        return named_by_prompts(prompts, tags, asked=[a.name not in self.pool_tags for a in adapters])
+
     def add_pool(self, networks, unet, adapters: list[Adapter], layers: list) -> bool:
         """Append the pool's LoRAs that the prompt did not bring to ``adapters`` and ``layers``.
         False on a bad pool or LoRA file: the error is kept, and the host fails this generation
         with it at the first UNet call (nothing is attached yet, so the model is as it was)."""
+        self.pool_tags = {}
         if not self.settings.pool:
             return True
         taken = {a.name for a in adapters}
@@ -102,7 +118,7 @@ class Session:
         self, networks, unet, taken: set[str]
     ) -> Iterator[tuple[Adapter, dict[str, LayerUpdate]]]:
         """(adapter, UNet layers) of the pool's LoRAs not already composed from the prompt."""
-        from loratorio_core.lora import bind_lora, layer_aliases
+        from loratorio_core.lora import bind_lora, layer_aliases, tag_frequencies
 
         from .pools import load_cached, resolve
 
@@ -110,7 +126,9 @@ class Session:
         for path, scale in resolve(self.settings.pool, networks.available_network_aliases):
             if path.stem in taken:
                 continue
-            bound = bind_lora(unet, load_cached(path), "unet", aliases)
+            lora = load_cached(path)
+            bound = bind_lora(unet, lora, "unet", aliases)
+            self.pool_tags[path.stem] = tag_frequencies(lora.metadata)
             yield Adapter(path.stem, scale), bound.layers
 
     def last_pass_of_batch(self) -> dict[int, RowComposer]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from loratorio_core.config import WEIGHTINGS
+
 from .args import MODE_LABELS, PATCH_CHOICES
 
 PREFIX = "[LoRAtorio] "
@@ -30,6 +32,7 @@ def register() -> bool:
             xyz.AxisOption(PREFIX + "Mode", str, _apply("mode"), choices=lambda: list(MODE_LABELS)),
             # "1/16, 1/8, 4": fractions of the latent's side and absolute sizes alike
             xyz.AxisOption(PREFIX + "Patch size", str, _apply("patch_size"), choices=lambda: PATCH_CHOICES),
+            xyz.AxisOption(PREFIX + "Weighting", str, _apply("weighting"), choices=lambda: list(WEIGHTINGS)),
             xyz.AxisOption(PREFIX + "Temperature", float, _apply("temperature")),
             xyz.AxisOption(PREFIX + "Re-centering (lam)", float, _apply("recenter")),
             xyz.AxisOption(PREFIX + "Top-k", int, _apply("top_k")),

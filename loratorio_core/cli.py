@@ -9,14 +9,18 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import LoRAtorioConfig, format_patch, parse_patch
+from .config import WEIGHTINGS, LoRAtorioConfig, format_patch, parse_patch
 from .generate import add_arguments, run_generate
 
 DEMO_LORAS = ("kiro", "checka", "pipa")  # a character, a background, an object
 
 
 def run_demo(
-    out: str = "loratorio_demo.png", patch: str = "1/16", temperature: float = 1.0, seeds: int = 4
+    out: str = "loratorio_demo.png",
+    patch: str = "1/16",
+    temperature: float | None = None,
+    seeds: int = 4,
+    weighting: str | None = None,
 ) -> str:
     """Compose three of the shipped synthetic LoRAs (a character, a background, an object) with
     base, merge, composite and LoRAtorio; write one picture (the first seed's images, then
@@ -24,7 +28,12 @@ def run_demo(
     from .synthetic import detectors, world
     from .synthetic.model import Job, load_model, sample
 
-    config = LoRAtorioConfig(**parse_patch(patch), temperature=temperature)
+    defaults = LoRAtorioConfig()
+    config = LoRAtorioConfig(
+        **parse_patch(patch),
+        weighting=weighting or defaults.weighting,
+        temperature=defaults.temperature if temperature is None else temperature,
+    )
     world_latent = (world.SIZE // 2, world.SIZE // 2)  # the model's latent: 2x2 pixel blocks
     started = time.perf_counter()
     model = load_model(loras=DEMO_LORAS)
@@ -55,7 +64,7 @@ def run_demo(
             f"({', '.join(world.CONCEPT[n].description for n in DEMO_LORAS)}),",
             f"prompt {' '.join(prompt)!r}, {seeds} seeds, patch {patch} "
             f"({config.patch_size_for(world_latent)} of the {world_latent[0]}x{world_latent[1]} latent), "
-            f"temperature {temperature:g}.",
+            f"weighting {config.weighting}, temperature {config.temperature:g}.",
             "what the detectors found per method (images with the concept / images):",
             *lines,
             f"wrote {out} (top: the first seed per method; bottom: LoRAtorio's weight of each LoRA) "
@@ -103,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=format_patch(LoRAtorioConfig()),
         help="a fraction of the latent's side (1/16: 1 pixel of the demo's 16x16 latent) or latent pixels",
     )
-    demo.add_argument("--temperature", type=float, default=1.0)
+    demo.add_argument("--weighting", choices=WEIGHTINGS, default=LoRAtorioConfig().weighting)
+    demo.add_argument("--temperature", type=float, default=LoRAtorioConfig().temperature)
     generate = sub.add_parser("generate", help="compose LoRAs on a diffusers SD/SDXL model and write a PNG")
     add_arguments(generate)
     args = parser.parse_args(argv)
@@ -111,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             # The demo's model is tiny: one thread is fastest, and several thrash on a busy CPU.
             torch.set_num_threads(1)
-            print(run_demo(args.out, args.patch_size, args.temperature, args.seeds))
+            print(run_demo(args.out, args.patch_size, args.temperature, args.seeds, args.weighting))
         elif args.command == "generate":
             for path in run_generate(args):
                 print(path)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import MODES, UPSAMPLE_MODES, LoRAtorioConfig, format_patch, parse_patch
+from .config import MODES, UPSAMPLE_MODES, WEIGHTINGS, LoRAtorioConfig, format_patch, parse_patch
 from .infotext import KEPT, format_params, generation_params, kept_value
 from .lora.files import PICKLE_SUFFIXES
 from .lora.specs import split_scale
@@ -47,7 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="patch side: a fraction of the latent's shorter side (1/16, the default: 4 latent pixels at "
         "512 px, 8 at 1024) or an absolute size in latent pixels (4)",
     )
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument(
+        "--weighting",
+        choices=WEIGHTINGS,
+        default=defaults.weighting,
+        help="how divergences become patch weights (softmin: the paper's rule)",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=defaults.temperature, help="the weighting rule's tau"
+    )
     parser.add_argument(
         "--recenter", type=float, default=defaults.recenter, help="lam of the re-centred uncond"
     )
@@ -117,6 +125,7 @@ def build_config(args) -> LoRAtorioConfig:
         return LoRAtorioConfig(
             mode=args.mode,
             **parse_patch(args.patch_size),
+            weighting=args.weighting,
             temperature=args.temperature,
             recenter=args.recenter,
             top_k=args.top_k,

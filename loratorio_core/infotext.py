@@ -20,6 +20,7 @@ MODE_LABELS = {"loratorio": "LoRAtorio", "composite": "Composite", "switch": "Sw
 ENABLED = "LoRAtorio"
 MODE = "LoRAtorio mode"
 PATCH_SIZE = "LoRAtorio patch size"
+WEIGHTING = "LoRAtorio weighting"  # absent: softmin, the only rule before 0.2
 TEMPERATURE = "LoRAtorio temperature"
 RECENTER = "LoRAtorio recenter"
 POOL = "LoRAtorio pool"
@@ -36,6 +37,7 @@ def generation_params(config: LoRAtorioConfig, pool: str = "") -> dict[str, obje
         ENABLED: True,
         MODE: MODE_LABELS[config.mode],
         PATCH_SIZE: format_patch(config),  # "1/16" (of the latent's side) or "4" (latent pixels)
+        WEIGHTING: config.weighting,
         TEMPERATURE: config.temperature,
         RECENTER: config.recenter,
     }

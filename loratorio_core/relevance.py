@@ -58,9 +58,18 @@ def named_by_prompt(prompt: str, tags: Sequence[Mapping[str, int]]) -> Tensor:
     return tag_relevance(prompt, tags) > NAMED
 
 
-def named_by_prompts(prompts: Sequence[str], tags: Sequence[Mapping[str, int]]) -> Tensor | None:
+def named_by_prompts(
+    prompts: Sequence[str], tags: Sequence[Mapping[str, int]], asked: Sequence[bool] | None = None
+) -> Tensor | None:
     """(M, B) bool: ``named_by_prompt`` for each of the batch's B prompts; None when no LoRA of
-    the pool carries tags (nothing can be named, and the intrinsic score alone selects)."""
-    if not any(tags):
+    the pool carries tags and none is asked for (the intrinsic score alone selects).
+
+    asked: (M,) the LoRAs the user asked for by name (a WebUI prompt's ``<lora:...>`` tags, a
+    ComfyUI stack), named in every prompt whatever their tags; the rest (a pool) by their tags."""
+    asked = [False] * len(tags) if asked is None else list(asked)
+    if len(asked) != len(tags):
+        raise ValueError(f"asked has {len(asked)} entries for {len(tags)} LoRAs")
+    if not any(tags) and not any(asked):
         return None
-    return torch.stack([named_by_prompt(p, tags) for p in prompts], dim=1)
+    by_tags = torch.stack([named_by_prompt(p, tags) for p in prompts], dim=1)
+    return by_tags | torch.tensor(asked, dtype=torch.bool)[:, None]

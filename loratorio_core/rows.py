@@ -49,6 +49,9 @@ class RowComposer:
     config, adapters: the method's settings and the LoRAs (index i = the runtime's adapter i).
     runtime: the per-row LoRA runtime on the host's model (attached by the host), or None when
     the forward applies adapters itself.
+    named: bool (N, S), the LoRAs each of the host's S images asks for (``relevance.
+    named_by_prompts``), or (N, 1) for every image alike, which a top-k selection keeps first;
+    None: the intrinsic score alone.
     """
 
     def __init__(
@@ -59,9 +62,17 @@ class RowComposer:
         *,
         max_rows: int | None = None,
         record_weights: bool = False,
+        named: Tensor | None = None,
     ):
         self.composer = StepComposer(config)
         self.adapters = [Adapter(*a) for a in adapters]
+        shape_ok = named is None or (named.dim() == 2 and len(named) == len(adapters))
+        if named is not None and (named.dtype != torch.bool or not shape_ok):
+            raise ValueError(
+                f"named must be a bool (N, images) mask over the {len(adapters)} adapters; got "
+                f"{named.dtype} of shape {tuple(named.shape)}"
+            )
+        self.named = named
         self.runtime = runtime
         self.max_rows = max_rows
         self.record_weights = record_weights
@@ -154,6 +165,7 @@ class RowComposer:
                 batch_size=len(cond_rows),
                 cfg=False,
                 kept=kept,
+                named=self._named_of([labels[r].sample for r in cond_rows]),
                 gates=self._cond_gates(cond_keys),
             )
             entry_rows.append(torch.tensor(cond_rows)[plan_c.sample_index])
@@ -168,6 +180,7 @@ class RowComposer:
                 cfg=True,
                 kept=kept,
                 reselect=False if kept is not None else None,
+                named=self._named_of(samples),
                 gates=self._uncond_gates(samples, step),
             )
             first = plan_u.num_cond_entries
@@ -211,6 +224,16 @@ class RowComposer:
         return composed
 
     # --- state -------------------------------------------------------------------------------------
+
+    def _named_of(self, samples: list[int]) -> Tensor | None:
+        """(N, rows) the named mask of each row's image."""
+        if self.named is None:
+            return None
+        if self.named.shape[1] == 1:
+            return self.named.expand(-1, len(samples))
+        if max(samples) >= self.named.shape[1]:
+            raise ValueError(f"named covers {self.named.shape[1]} images; a row is of image {max(samples)}")
+        return self.named[:, samples]
 
     def _cond_gates(self, keys: list[tuple[int, int]]) -> GateState | None:
         """The gate state of these cond rows (None until each has one: the step is exact)."""

@@ -42,6 +42,30 @@ def softmin(sim: torch.Tensor, tau: float, keep: torch.Tensor | None = None) -> 
     return out
 
 
+def power(sim: torch.Tensor, tau: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``power`` rule: w_i = d_i ** (1 / tau) / sum_j d_j ** (1 / tau), d = 1 - s."""
+    n, b, h, w = sim.shape
+    out = torch.zeros(n, b, h, w, dtype=torch.float64)
+    for s in range(b):
+        members = [i for i in range(n) if keep is None or bool(keep[i, s])]
+        for y in range(h):
+            for x in range(w):
+                logs = {i: math.log(max(1.0 - sim[i, s, y, x].item(), 1e-300)) / tau for i in members}
+                top = max(logs.values())  # d ** (1/tau) relative to the largest: no overflow
+                total = sum(math.exp(v - top) for v in logs.values())
+                for i in members:
+                    out[i, s, y, x] = math.exp(logs[i] - top) / total
+    return out
+
+
+RULES = {"softmin": softmin, "power": power}
+DEFAULT_RULE = "power"  # LoRAtorioConfig's default (tests check that it is)
+
+
+def weights(sim: torch.Tensor, tau: float, keep: torch.Tensor | None = None, rule: str = DEFAULT_RULE):
+    return RULES[rule](sim, tau, keep)
+
+
 def upsample_nearest(weights: torch.Tensor, height: int, width: int, d: int) -> torch.Tensor:
     n, b = weights.shape[:2]
     out = torch.zeros(n, b, 1, height, width, dtype=torch.float64)
@@ -67,29 +91,33 @@ def top_k(sim: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def loratorio_step(base_c, base_u, loras_c, loras_u, *, d, tau, lam, scale, keep=None) -> torch.Tensor:
+def loratorio_step(
+    base_c, base_u, loras_c, loras_u, *, d, tau, lam, scale, keep=None, rule=DEFAULT_RULE
+) -> torch.Tensor:
     """One guided step of the method, in float64, from the raw predictions."""
     sim = similarity(loras_c, base_c, d)
-    weights = upsample_nearest(softmin(sim, tau, keep), base_c.shape[-2], base_c.shape[-1], d)
-    e_c = compose(loras_c, weights)
+    up = upsample_nearest(weights(sim, tau, keep, rule), base_c.shape[-2], base_c.shape[-1], d)
+    e_c = compose(loras_c, up)
     if base_u is None:
         return e_c
-    mixed = compose(loras_u, weights) if lam < 1 else 0.0
+    mixed = compose(loras_u, up) if lam < 1 else 0.0
     e_u = lam * base_u.double() + (1 - lam) * mixed
     return e_u + scale * (e_c - e_u)
 
 
-def loratorio_step_and(base_cs, base_u, loras_cs, loras_u, *, d, tau, lam, scale) -> torch.Tensor:
+def loratorio_step_and(
+    base_cs, base_u, loras_cs, loras_u, *, d, tau, lam, scale, rule=DEFAULT_RULE
+) -> torch.Tensor:
     """One guided step with AND sub-prompts (A1111's composable diffusion, every weight 1): each
     sub-prompt j composed with its own weights W_j; the uncond re-centred with their mean;
     eps = e_u + w * sum_j (e_c_j - e_u)."""
     height, width = base_u.shape[-2:]
-    weights = [
-        upsample_nearest(softmin(similarity(lc, bc, d), tau), height, width, d)
+    ups = [
+        upsample_nearest(weights(similarity(lc, bc, d), tau, rule=rule), height, width, d)
         for bc, lc in zip(base_cs, loras_cs, strict=True)
     ]
-    e_cs = [compose(lc, w) for lc, w in zip(loras_cs, weights, strict=True)]
-    mean = sum(weights) / len(weights)
+    e_cs = [compose(lc, w) for lc, w in zip(loras_cs, ups, strict=True)]
+    mean = sum(ups) / len(ups)
     mixed = compose(loras_u, mean) if lam < 1 else 0.0
     e_u = lam * base_u.double() + (1 - lam) * mixed
     return e_u + scale * sum(e_c - e_u for e_c in e_cs)

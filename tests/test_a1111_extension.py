@@ -76,7 +76,7 @@ def generate(webui, prompt, args=None, *, txt2img=True, with_script=True, **kwar
     return processing.process_images(p), p
 
 
-ON = [True, "LoRAtorio", 2, 0.05, 0.5, "", 0, 1, False]
+ON = [True, "LoRAtorio", 2, 1.0, 0.5, "", 0, 1, False]
 PROMPT = "a cat <lora:l0:0.8> <lora:l1:1.0>"
 
 
@@ -220,7 +220,7 @@ def _padded(cs, uc, pad, empty):
 
 def test_composes_the_prompts_loras_instead_of_merging_them(webui):
     result, p = generate(webui, PROMPT, ON)
-    expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5})
+    expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 1.0, "lam": 0.5})
     torch.testing.assert_close(result.images[0], expected[0], atol=2e-4, rtol=1e-4)
     info = result.infotexts[0]
     assert "LoRAtorio: True" in info and "LoRAtorio mode: LoRAtorio" in info and "Lora hashes: l0: " in info
@@ -233,7 +233,7 @@ def test_per_lora_text_encoders_give_each_loras_rows_its_own_encoding(webui, hir
     per_lora_first_pass = generate(webui, PROMPT, ON)[0] if hires else result
     webui.shared.opts.data["loratorio_text_encoders"] = "shared"
     shared, _ = generate(webui, PROMPT, ON, enable_hr=hires)
-    settings = {"d": 2, "tau": 0.05, "lam": 0.5}
+    settings = {"d": 2, "tau": 1.0, "lam": 0.5}
     if not hires:
         want = expected_txt2img(webui, ["l0", "l1"], settings, text_encoders="per LoRA")
         torch.testing.assert_close(per_lora_first_pass.images[0], want[0], atol=2e-4, rtol=1e-4)
@@ -339,7 +339,7 @@ def test_every_generation_mode_runs_composed_and_restored(webui, opts, kwargs):
     assert len(images) == kwargs.get("batch_size", 1) * kwargs.get("n_iter", 1)
     assert "apply_model" not in webui.sd.__dict__
     if kwargs.get("batch_size") == 2 and "n_iter" not in kwargs:
-        expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5}, batch=1)
+        expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 1.0, "lam": 0.5}, batch=1)
         torch.testing.assert_close(images[0], expected[0], atol=2e-4, rtol=1e-4)  # its own predictions
 
 
@@ -372,7 +372,7 @@ def test_and_prompts_compose_every_sub_prompt(webui):
     their mean, and A1111 sums the sub-prompts' guidance."""
     prompt = "a cat AND a hat"
     result, _ = generate(webui, f"{prompt} <lora:l0:0.8> <lora:l1:1.0>", ON)
-    want = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5}, prompt=prompt)
+    want = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 1.0, "lam": 0.5}, prompt=prompt)
     torch.testing.assert_close(result.images[0], want[0], atol=2e-4, rtol=1e-4)
 
 
@@ -391,7 +391,7 @@ def test_prompts_longer_than_one_chunk_compose_padded_or_not(webui, capsys, pad,
     webui.shared.opts.data["pad_cond_uncond_v0"] = pad == "v0"
     webui.shared.opts.data["loratorio_text_encoders"] = text_encoders
     result, _ = generate(webui, f"{LONG} <lora:l0:0.8> <lora:l1:1.0>", ON)
-    settings = {"d": 2, "tau": 0.05, "lam": 0.5}
+    settings = {"d": 2, "tau": 1.0, "lam": 0.5}
     want = expected_txt2img(webui, ["l0", "l1"], settings, prompt=LONG, pad=pad, text_encoders=text_encoders)
     torch.testing.assert_close(result.images[0], want[0], atol=2e-4, rtol=1e-4)
     assert "LoRAtorio" not in capsys.readouterr().err  # no warning: nothing fell back to shared text
@@ -408,7 +408,7 @@ def test_steps_without_the_uncond_branch_compose_the_cond_alone(webui, opts, ski
     s_min_uncond = opts.pop("s_min_uncond", None)
     webui.shared.opts.data.update(opts)
     result, _ = generate(webui, PROMPT, ON, s_min_uncond=s_min_uncond)
-    want = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5}, skip_uncond=skipped)
+    want = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 1.0, "lam": 0.5}, skip_uncond=skipped)
     torch.testing.assert_close(result.images[0], want[0], atol=2e-4, rtol=1e-4)
 
 
@@ -446,7 +446,7 @@ def test_v_prediction_sdxl_and_inpainting_models_compose_on_eps(other_model):
     assert torch.isfinite(composed.images[0]).all() and not torch.equal(plain.images[0], composed.images[0])
     assert "apply_model" not in webui.sd.__dict__
     if webui.kind == "v-prediction":
-        expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5})
+        expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 1.0, "lam": 0.5})
         torch.testing.assert_close(composed.images[0], expected[0], atol=3e-4, rtol=1e-4)
         # the conversion both ways at fractional timesteps, as k-diffusion interpolates them
         from loratorio_extension.a1111 import _v_conversions
@@ -525,7 +525,8 @@ def test_settings_section_is_registered(webui):
 
     script_callbacks.ui_settings_callback()
     labels = webui.shared.opts.data_labels
-    assert {"loratorio_max_rows", "loratorio_auto_compose", "loratorio_default_temperature"} <= set(labels)
+    assert {"loratorio_max_rows", "loratorio_auto_compose", "loratorio_default_weighting"} <= set(labels)
+    assert "loratorio_default_tau" in labels and "loratorio_default_temperature" not in labels  # softmin's
     assert all(labels[k].section == ("loratorio", "LoRAtorio") for k in labels if k.startswith("loratorio_"))
 
 
@@ -586,6 +587,7 @@ def test_xyz_axes_set_the_cells_settings(webui):
         "[LoRAtorio] Enabled",
         "[LoRAtorio] Mode",
         "[LoRAtorio] Patch size",
+        "[LoRAtorio] Weighting",
         "[LoRAtorio] Temperature",
         "[LoRAtorio] Re-centering (lam)",
         "[LoRAtorio] Top-k",
@@ -628,25 +630,58 @@ def test_infotext_fields_paste_the_settings_back(webui):
     line = result.infotexts[0].splitlines()[-1]
     params = dict(part.split(": ", 1) for part in line.split(", "))
     pasted = {component.label: paste(params) for component, paste in runner.infotext_fields}
-    # None: not in this infotext, so A1111 leaves the field as it is
+    # None: not in this infotext, so A1111 leaves the field as it is; the keys written only when
+    # on (pool, top-k, gated) paste as off when absent
     assert {k: v for k, v in pasted.items() if v is not None} == {
         "LoRAtorio": True,
         "Mode": "Switch",
         "Patch size": "8",
+        "Weighting": "power",
         "Temperature": 0.2,
         "Re-centering (lam)": 0.75,
+        "Pool (folder or named pool)": "",
+        "Top-k (0: all)": 0,
+        "Exact every K steps (1: every step; more: gated single pass between, faster)": 1,
     }
 
 
 def test_a_pool_without_prompt_tags_is_composed_keeping_the_top_k(webui, tmp_path):
     folder = Path(webui.shared.cmd_opts.lora_dir)
-    pooled = [True, "LoRAtorio", 2, 0.05, 0.5, str(folder), 2, 1, False]
+    pooled = [True, "LoRAtorio", 2, 1.0, 0.5, str(folder), 2, 1, False]
     result, _ = generate(webui, "a cat", pooled, batch_size=2)
     plain, _ = generate(webui, "a cat", with_script=False, batch_size=2)
     assert not torch.equal(result.images[0], plain.images[0])
     for info in result.infotexts:  # each image records the two LoRAs it kept
         kept = info.split("LoRAtorio kept: ")[1].split(", Lora")[0].split(", ")
         assert len(kept) == 2 and set(kept) <= {"l0", "l1", "l2"}
+    assert "apply_model" not in webui.sd.__dict__
+
+
+def test_top_k_keeps_the_prompts_loras_and_the_pool_loras_its_words_name_by_their_tags(webui, tmp_path):
+    import json
+
+    from loratorio_core.lora import load_lora
+
+    folder, tagged = Path(webui.shared.cmd_opts.lora_dir), tmp_path / "tagged"
+    tagged.mkdir()
+    for name, trigger in (("l0", "zorp"), ("l1", "quix"), ("l2", "blen")):  # kohya's caption tags
+        tags = {f"10_{trigger}": {trigger: 30, "cat": 30, "solo": 12}}
+        layers = load_lora(folder / f"{name}.safetensors").layers
+        save_lora(tagged / f"t_{trigger}.safetensors", layers, {"ss_tag_frequency": json.dumps(tags)})
+
+    def kept(prompt, batch_size=1):
+        result, _ = generate(
+            webui, prompt, [True, "LoRAtorio", 2, 1.0, 0.5, str(tagged), 2, 1, False], batch_size=batch_size
+        )
+        return [
+            set(info.split("LoRAtorio kept: ")[1].split(", Lora")[0].split(", ")) for info in result.infotexts
+        ]
+
+    # the prompt's words name two pool LoRAs (the shared "cat" names none): they are the top 2
+    batch = kept("a cat, zorp and (blen:1.1)", batch_size=2)  # the grid's infotext, then each image's
+    assert len(batch) == 3 and all(k == {"t_zorp", "t_blen"} for k in batch)
+    # a LoRA of the prompt's own tags is always asked for; the pool fills up with what is named
+    assert kept("a cat <lora:l1:0.8>, quix") == [{"l1", "t_quix"}]
     assert "apply_model" not in webui.sd.__dict__
 
 
@@ -670,7 +705,7 @@ def test_pools_by_name_and_by_lora_names_and_a_clear_error_for_unknown_ones(webu
     with pytest.raises(ValueError, match="'l0:x': 'x' is not a scale"):
         pools.save_pool("bad", ["l0:x"], tmp_path / "pools.json")
     with pytest.raises(ValueError, match="LoRAtorio pool 'nope'"):
-        generate(webui, "a cat", [True, "LoRAtorio", 2, 0.05, 0.5, "nope", 2])
+        generate(webui, "a cat", [True, "LoRAtorio", 2, 1.0, 0.5, "nope", 2])
     assert "apply_model" not in webui.sd.__dict__
 
 
@@ -685,7 +720,7 @@ def test_pool_loras_are_composed_at_the_scale_their_entry_gives(webui, monkeypat
         return compose(self, p, unet, adapters, layers)
 
     monkeypatch.setattr(session.Session, "compose", record)
-    generate(webui, "a cat <lora:l2:0.6>", [True, "LoRAtorio", 2, 0.05, 0.5, "l0:0.7, l1, l2:0.1", 0])
+    generate(webui, "a cat <lora:l2:0.6>", [True, "LoRAtorio", 2, 1.0, 0.5, "l0:0.7, l1, l2:0.1", 0])
     assert composed == [[("l2", 0.6), ("l0", 0.7), ("l1", 1.0)]]  # the prompt's tag keeps its own
 
 
@@ -745,7 +780,7 @@ def test_api_alwayson_args_take_defaults_for_what_is_missing(webui):
     script = runner.alwayson_scripts[0]
     assert script.name == "loratorio"  # the key of alwayson_scripts
     args = runner.default_args()
-    request = {"loratorio": {"args": [True, "LoRAtorio", 2, 0.05, 0.5]}}
+    request = {"loratorio": {"args": [True, "LoRAtorio", 2, 1.0, 0.5]}}
     for index, value in enumerate(request[script.name]["args"][: script.args_to - script.args_from]):
         args[script.args_from + index] = value
     p = processing.StableDiffusionProcessingTxt2Img(
@@ -775,7 +810,7 @@ def test_skip_mid_generation_ends_cleanly_and_the_next_image_is_composed(webui):
     shared.state.skipped = False
     assert torch.isfinite(skipped.images[0]).all() and "apply_model" not in webui.sd.__dict__
     composed, _ = generate(webui, PROMPT, ON)
-    expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 0.05, "lam": 0.5})
+    expected = expected_txt2img(webui, ["l0", "l1"], {"d": 2, "tau": 1.0, "lam": 0.5})
     torch.testing.assert_close(composed.images[0], expected[0], atol=3e-4, rtol=1e-4)
 
 
@@ -889,7 +924,7 @@ def test_a_fractional_patch_size_resolves_per_pass_and_an_absolute_one_does_not(
         composers.append(self.rows)
 
     monkeypatch.setattr(session.Session, "compose", keep)
-    args = [True, "LoRAtorio", patch, 0.05, 0.5, "", 0, 1, True]  # maps on: the weights are recorded
+    args = [True, "LoRAtorio", patch, 1.0, 0.5, "", 0, 1, True]  # maps on: the weights are recorded
     result, _ = generate(webui, PROMPT, args, enable_hr=True)
     assert [tuple(next(iter(rows.weights.values()))[0].shape[1:]) for rows in composers] == grids
     assert f"LoRAtorio patch size: {patch}" in result.infotexts[0]

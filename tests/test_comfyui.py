@@ -20,7 +20,7 @@ from test_a1111_extension import merged_copy, write_loras
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = ROOT / "workflows"
-D, TAU, LAM = 2, 0.05, 0.5  # patch 2 of the 8x8 latent: 16 patches, so the weights vary
+D, TAU, LAM = 2, 1.0, 0.5  # patch 2 of the 8x8 latent: 16 patches, so the weights vary
 NAMES = {
     "v1-5-pruned-emaonly.safetensors": "tiny.safetensors",
     "character.safetensors": "l0.safetensors",
@@ -249,6 +249,22 @@ def test_a_pool_keeps_the_top_k_loras_as_the_method(comfy):
     images = run(comfy, workflow("loratorio_pool"))
     wanted = expected(comfy, loras=(("l0", 0.8, 0.8), ("l1", 1.0, 0.0), ("l2", 0.6, 0.0)), top_k=2)
     _close(images["loratorio_pool"], wanted)
+
+
+def test_a_pool_keeps_the_stack_and_the_pool_loras_the_prompt_names_by_their_tags(comfy, tmp_path):
+    from loratorio_core.lora import load_lora, save_lora
+
+    for name, trigger in (("l1", "quix"), ("l2", "blen")):  # kohya's caption tags, as real LoRAs carry
+        tags = {f"10_{trigger}": {trigger: 30, "knight": 30}}
+        layers = load_lora(tmp_path / "loras" / f"{name}.safetensors").layers
+        save_lora(
+            tmp_path / "loras" / f"t_{trigger}.safetensors", layers, {"ss_tag_frequency": json.dumps(tags)}
+        )
+    prompt = workflow("loratorio_pool", **{"3": {"loras": "t_quix.safetensors, t_blen.safetensors:0.6"}})
+    prompt["4"]["inputs"]["prompt"] = "a knight in a forest, blen"
+    images = run(comfy, prompt)["loratorio_pool"]
+    # the stack's l0 and the pool's blen are the top 2 at every step: the static pair's sampling
+    _close(images, expected(comfy, loras=(("l0", 0.8, 0.8), ("t_blen", 0.6, 0.0))))
 
 
 def test_controlnet_residuals_follow_their_rows(comfy):

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from extension.args import ARGS, NAMES, Settings, from_infotext, parse_args
+from loratorio_core import LoRAtorioConfig
 
 
 def test_the_argument_order_is_the_documented_public_contract():
@@ -52,7 +53,8 @@ def test_api_values_are_coerced_from_json_types():
         (["yes"], "enabled"),
         ([True, "LoRAtorio", 4, 0.01, 1.0, "", 0, 1, False, 0], "exact_every"),
         ([True, "LoRAtorio", 4, 0.01, 1.0, "", 0, 1, False, 4, 0], "exact_first"),
-        ([True] * 12, "at most 11"),
+        ([True, "LoRAtorio", 4, 0.01, 1.0, "", 0, 1, False, 1, 3, "sharp"], "argument 11 .weighting."),
+        ([True] * 13, "at most 12"),
     ],
 )
 def test_bad_api_arguments_raise_a_clear_error_naming_the_argument(values, named):
@@ -129,7 +131,7 @@ def test_patch_sizes_paste_back_from_old_and_new_infotexts(written, pasted):
 
 
 def test_the_gated_single_pass_is_two_appended_arguments_recorded_only_when_on():
-    assert NAMES[9:] == ("exact_every", "exact_first")
+    assert NAMES[9:11] == ("exact_every", "exact_first")
     exact = parse_args([True])
     assert exact.config().exact_every == 1 and not exact.config().gated
     assert "LoRAtorio exact every" not in exact.infotext()
@@ -140,3 +142,22 @@ def test_the_gated_single_pass_is_two_appended_arguments_recorded_only_when_on()
     assert params["LoRAtorio exact every"] == 3 and params["LoRAtorio exact first"] == 2
     pasted = from_infotext({key: str(value) for key, value in params.items()})
     assert pasted["exact_every"] == 3 and pasted["exact_first"] == 2
+
+
+def test_the_weighting_rule_is_the_twelfth_argument_recorded_and_pasted_back():
+    assert NAMES[11] == "weighting" and Settings().weighting == LoRAtorioConfig().weighting == "power"
+    paper = parse_args([True, "LoRAtorio", "1/16", 0.05, 0.5, "", 0, 1, False, 1, 3, "softmin"])
+    assert (paper.config().weighting, paper.config().temperature) == ("softmin", 0.05)
+    params = {key: str(value) for key, value in paper.infotext().items()}
+    assert params["LoRAtorio weighting"] == "softmin"
+    assert from_infotext(params)["weighting"] == "softmin"
+
+
+def test_an_infotext_pastes_back_the_settings_it_made_even_where_it_is_silent():
+    # Made before the weighting setting existed (softmin, the only rule then), exact, no pool:
+    # pasted over fields that hold other values, it sets each one back to what made the picture.
+    old = {"LoRAtorio": "True", "LoRAtorio mode": "LoRAtorio", "LoRAtorio temperature": "1.0"}
+    pasted = from_infotext(old)
+    assert pasted["weighting"] == "softmin" and pasted["temperature"] == 1.0
+    assert (pasted["exact_every"], pasted["top_k"], pasted["pool"]) == (1, 0, "")
+    assert "recenter" not in pasted  # a key every version writes: absent means hand-edited, left as is

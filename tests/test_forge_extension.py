@@ -17,7 +17,7 @@ from fake_a1111.model import FakeSD
 from test_a1111_extension import ON, PROMPT, expected_txt2img, write_loras
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = {"d": 2, "tau": 0.05, "lam": 0.5}
+SETTINGS = {"d": 2, "tau": 1.0, "lam": 0.5}
 
 
 def _install(tmp_path, old=False, **model_kwargs):
@@ -267,7 +267,7 @@ def test_and_prompts_compose_every_sub_prompt(forge):
 def test_cond_and_uncond_in_separate_calls_give_the_same_image_when_the_uncond_is_the_bases(forge):
     """Forge splits the chunks when memory is short (uncond first, alone): with lam = 1 the uncond
     branch is the base model's, which needs nothing from the cond rows."""
-    lam1 = [True, "LoRAtorio", 2, 0.05, 1.0, "", 0, 1, False]
+    lam1 = [True, "LoRAtorio", 2, 1.0, 1.0, "", 0, 1, False]
     together, _ = generate(forge, PROMPT, lam1)
     split_by_memory(forge)
     apart, _ = generate(forge, PROMPT, lam1)
@@ -280,7 +280,7 @@ def test_a_pool_with_top_k_at_lam_half_is_the_method_however_forge_splits_its_ba
     uncond branch is still re-centred with the COND rows' weights over the kept LoRAs."""
     if split:
         split_by_memory(forge)
-    pool = [True, "LoRAtorio", 2, 0.05, 0.5, "l0, l1, l2", 2, 1, False]
+    pool = [True, "LoRAtorio", 2, 1.0, 0.5, "l0, l1, l2", 2, 1, False]
     result, _ = generate(forge, "a cat", pool)
     names = ("l0", "l1", "l2")
     want = expected(forge, names, scales=dict.fromkeys(names, 1.0), text_loras=(), top_k=2)
@@ -410,7 +410,7 @@ def test_bad_api_arguments_fail_the_generation_with_a_clear_message(forge):
 
 
 def test_a_pool_without_prompt_tags_is_composed_keeping_the_top_k(forge):
-    pool = [True, "LoRAtorio", 2, 0.05, 0.5, "l0, l1, l2", 2, 1, False]
+    pool = [True, "LoRAtorio", 2, 1.0, 0.5, "l0, l1, l2", 2, 1, False]
     result, _ = generate(forge, "a cat", pool)
     assert "LoRAtorio kept: " in result.infotexts[0]
     kept = result.infotexts[0].split("LoRAtorio kept: ")[1].split(",")[:2]
@@ -466,7 +466,7 @@ def test_the_tab_builds_with_each_forges_gradio(forge):
 def test_each_image_of_a_batch_records_the_loras_it_kept(forge):
     """Forge f2's create_infotext (WebUI 1.10) picks a list value per image; old Forge's (1.8)
     writes a list whole, so there each image's own value is set just before its infotext is made."""
-    pool = [True, "LoRAtorio", 2, 0.05, 0.5, "l0, l1, l2", 2, 1, False]
+    pool = [True, "LoRAtorio", 2, 1.0, 0.5, "l0, l1, l2", 2, 1, False]
     result, _ = generate(forge, "a cat", pool, batch_size=2, steps=2)
     values = [info.split("LoRAtorio kept: ")[1].split("\n")[0] for info in result.infotexts]
     assert len(values) == 2

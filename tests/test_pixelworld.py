@@ -236,8 +236,9 @@ def test_the_shared_sampler_gives_the_first_benchmarks_images_unchanged():
         "switch": "2d420096863829659ca13bbe2d311ac9",
     }
     configs = {
-        "loratorio": LoRAtorioConfig(patch_size=1, temperature=1.0),
-        "top-k": LoRAtorioConfig(patch_size=4, recenter=1.0, top_k=2),  # the old default's 4
+        # the settings of the time (softmin tau 1, patch 4 for top-k)
+        "loratorio": LoRAtorioConfig(patch_size=1, weighting="softmin", temperature=1.0),
+        "top-k": LoRAtorioConfig(patch_size=4, weighting="softmin", temperature=1.0, recenter=1.0, top_k=2),
         "switch": LoRAtorioConfig(mode="switch"),
     }
     for label, config in configs.items():

@@ -79,7 +79,7 @@ def expected(unet, adapters, inputs, labels, config, contexts=None):
             base = run(bases, r)
             loras = torch.stack([run(m, r) for m in singles])
             w = ref.upsample_nearest(
-                ref.softmin(ref.similarity(loras, base, config.patch_size), config.temperature),
+                ref.weights(ref.similarity(loras, base, config.patch_size), config.temperature, rule=config.weighting),
                 8,
                 8,
                 config.patch_size,

@@ -159,7 +159,7 @@ def test_sweep_runs_every_rule_then_patch_and_lam_at_the_best_and_names_it(capsy
     out = capsys.readouterr().out
     for rule, taus in sweep.TEMPERATURES.items():
         for tau in taus:
-            assert f"{rule} tau={tau:g} d=1/16 lam=1" in out
+            assert f"{rule} tau={tau:g} d=1/16 lam=0.5" in out
     best = next(line for line in out.splitlines() if line.startswith("best: "))
     rule, tau = best.split()[1], best.split()[2]
-    assert f"{rule} {tau} d=1/8 lam=1" in out and f"{rule} {tau} d=1/16 lam=0.5" in out
+    assert f"{rule} {tau} d=1/16 lam=1" in out and f"{rule} {tau} d=1/8 lam=0.5" in out
