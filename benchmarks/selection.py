@@ -26,6 +26,11 @@ Candidates (``CANDIDATES``):
 - ``d2 guidance div @K``: mean divergence of the guidance direction, eps_i(c) - eps_i(u) vs
   eps_0(c) - eps_0(u);
 - ``f norm ratio @K``: ||eps_i(c) - eps_0(c)|| / ||eps_i(u) - eps_0(u)|| over the image;
+- ``d ratio cond/uncond @1`` / ``@K``: mean cond divergence over mean uncond divergence;
+- ``f attn-out ratio @1``: the change of each attn2 layer's output (to_k and to_v deltas, base
+  queries) over the base output's norm, prompt context over empty context;
+- ``f attn gain @1`` / ``pool-rel``: the largest attention mass a prompt word gains from the
+  LoRA's to_k delta (base queries), raw or minus the pool's mean gain for that word;
 - ``f attention shift @1``: with the base's cross-attention queries of the first step, the
   total-variation change of each attn2 layer's attention over the context tokens when the LoRA's
   to_k delta is added to the keys, prompt context over empty context (one base pass, no LoRA pass);
@@ -35,7 +40,11 @@ Candidates (``CANDIDATES``):
 - ``e text / vocab``: the same prompt maximum over the median response to every vocabulary word
   encoded alone;
 - ``e text relative``: max over the prompt's words of ||dW x|| / ||W x|| (layers pooled), over
-  the same for the empty prompt.
+  the same for the empty prompt;
+- ``e text pool-rel``: max over the prompt's words of the LoRA's response to the word over the
+  pool's mean response to it (a trigger moves its own LoRA, a generic word moves them all);
+- ``e text vocab+pool``: the same after dividing each LoRA's responses by its median response to
+  the vocabulary (both normalisations: per LoRA, then per token across the pool).
 """
 
 from __future__ import annotations
@@ -74,10 +83,17 @@ CANDIDATES = (
     "d cond-uncond @K",
     "d2 guidance div @K",
     "f norm ratio @K",
+    "d ratio cond/uncond @1",
+    "d ratio cond/uncond @K",
     "f attention shift @1",
+    "f attn-out ratio @1",
+    "f attn gain @1",
+    "f attn gain pool-rel @1",
     "e text ratio",
     "e text / vocab",
     "e text relative",
+    "e text pool-rel",
+    "e text vocab+pool",
 )
 CONTEXT_LAYERS = ("attn2.to_k", "attn2.to_v")
 
@@ -99,6 +115,7 @@ def step_measures(eps: Tensor, jobs: int, pool: int) -> dict[str, Tensor]:
     return {
         "cond": div_c.mean((2, 3)),
         "max": div_c.amax((2, 3)),
+        "uncond": div_u.mean((2, 3)),
         "cond-uncond": div_c.mean((2, 3)) - div_u.mean((2, 3)),
         "guidance": div_g.mean((2, 3)),
         "norm ratio": norm_c / norm_u.clamp_min(1e-12),
@@ -125,29 +142,46 @@ class QueryRecorder:
             handle.remove()
 
 
-def attention_shift(queries: dict, loras: list[dict], context: Tensor, scale: float) -> Tensor:
-    """(M, J) mean over attn2 layers, heads and query positions of the total-variation distance
-    between the base's attention over ``context`` (J, T, D) and the attention with the LoRA's
-    to_k delta added to the keys (queries: the base's, from ``QueryRecorder``)."""
-    shifts = torch.zeros(len(loras), context.shape[0])
+def attention_effects(queries: dict, loras: list[dict], context: Tensor, scale: float) -> dict[str, Tensor]:
+    """What each LoRA's attn2 to_k / to_v deltas change in the base's cross-attention over
+    ``context`` (J, T, D), with the base's queries (``QueryRecorder``), averaged over the attn2
+    layers: ``tv`` (M, J) the total-variation distance between the attention distributions (to_k
+    delta only), mean over heads and query positions; ``gain`` (M, J, T) the attention mass each
+    token gains (mean over heads and queries); ``out`` (M, J) the norm of the attention output's
+    change (to_k and to_v deltas) over the base output's norm."""
+    m, (j, t, _) = len(loras), context.shape
+    effects = {"tv": torch.zeros(m, j), "gain": torch.zeros(m, j, t), "out": torch.zeros(m, j)}
     for name, (attention, q) in queries.items():
         heads = attention.heads
         qh = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # (J, heads, L, d)
-        keys = attention.to_k(context)
+        keys, values = attention.to_k(context), attention.to_v(context)
         base = _attention(qh, keys, heads)
+        base_out = base @ _heads(values, heads)
         for i, layers in enumerate(loras):
-            update = layers.get(f"{name}.to_k")
-            if update is None:
-                continue
-            delta = scale * context @ update.delta_weight(attention.to_k.weight.shape).T
-            shifted = _attention(qh, keys + delta, heads)
-            shifts[i] += 0.5 * (shifted - base).abs().sum(-1).mean((1, 2))
-    return shifts / max(len(queries), 1)
+            delta_k, delta_v = (
+                _context_delta(layers.get(f"{name}.{which}"), getattr(attention, which), context, scale)
+                for which in ("to_k", "to_v")
+            )
+            shifted = _attention(qh, keys + delta_k, heads)
+            effects["tv"][i] += 0.5 * (shifted - base).abs().sum(-1).mean((1, 2))
+            effects["gain"][i] += (shifted - base).mean((1, 2))
+            out = shifted @ _heads(values + delta_v, heads)
+            effects["out"][i] += (out - base_out).flatten(1).norm(dim=1) / base_out.flatten(1).norm(dim=1)
+    return {key: value / max(len(queries), 1) for key, value in effects.items()}
+
+
+def _context_delta(update, layer: torch.nn.Module, context: Tensor, scale: float) -> Tensor:
+    if update is None:
+        return torch.zeros(())
+    return scale * context @ update.delta_weight(layer.weight.shape).T
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
 def _attention(qh: Tensor, keys: Tensor, heads: int) -> Tensor:
-    kh = keys.unflatten(-1, (heads, -1)).transpose(1, 2)
-    return torch.softmax(qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1)
+    return torch.softmax(qh @ _heads(keys, heads).transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1)
 
 
 def unet_scores(bench: ModuleType, model, jobs: list[Job], steps: int, chunk: int = 8) -> dict[str, Tensor]:
@@ -173,7 +207,7 @@ def _chunk_scores(bench, model, runtime, loras, jobs: list[Job], steps: int) -> 
     alphas = model.alphas_cumprod
     times = ddim_timesteps(bench.STEPS, len(alphas))
     per_step: list[dict[str, Tensor]] = []
-    shift = None
+    attention: dict[str, Tensor] = {}
     for step, t in enumerate(times[:steps]):
         a = alphas[t]
         x_rows = x.repeat_interleave(2 + 2 * m, dim=0)
@@ -182,9 +216,7 @@ def _chunk_scores(bench, model, runtime, loras, jobs: list[Job], steps: int) -> 
             output = model.unet(x_rows, torch.full((x_rows.shape[0],), t), context)
         if recorder is not None:
             recorder.remove()
-            shift_c = attention_shift(recorder.queries, loras, cond, bench.LORA_SCALE)
-            shift_u = attention_shift(recorder.queries, loras, uncond, bench.LORA_SCALE)
-            shift = shift_c / shift_u.clamp_min(1e-12)
+            attention = attention_scores(recorder.queries, loras, cond, uncond, jobs, bench.LORA_SCALE)
         eps = eps_from_prediction(model.prediction, output, x_rows, a)
         per_step.append(step_measures(eps, j, m))
         base = eps.reshape(j, 2 + 2 * m, *eps.shape[1:])
@@ -202,8 +234,29 @@ def _chunk_scores(bench, model, runtime, loras, jobs: list[Job], steps: int) -> 
         "d cond-uncond @K": mean["cond-uncond"],
         "d2 guidance div @K": mean["guidance"],
         "f norm ratio @K": mean["norm ratio"],
-        "f attention shift @1": shift,
+        "d ratio cond/uncond @1": first["cond"] / first["uncond"].clamp_min(1e-12),
+        "d ratio cond/uncond @K": mean["cond"] / mean["uncond"].clamp_min(1e-12),
+        **attention,
     }
+
+
+def attention_scores(queries, loras, cond: Tensor, uncond: Tensor, jobs: list[Job], scale) -> dict:
+    """The attention candidates (M, J) from the first step's base queries."""
+    on_c = attention_effects(queries, loras, cond, scale)
+    on_u = attention_effects(queries, loras, uncond, scale)
+    real = prompt_tokens(jobs, cond.shape[1])
+    gain = on_c["gain"]  # (M, J, T)
+    return {
+        "f attention shift @1": on_c["tv"] / on_u["tv"].clamp_min(1e-12),
+        "f attn-out ratio @1": on_c["out"] / on_u["out"].clamp_min(1e-12),
+        "f attn gain @1": gain.masked_fill(~real, -1.0).amax(2),
+        "f attn gain pool-rel @1": (gain - gain.mean(0, keepdim=True)).masked_fill(~real, -1.0).amax(2),
+    }
+
+
+def prompt_tokens(jobs: list[Job], length: int) -> Tensor:
+    """(J, T) bool: the positions of each prompt's words (not its padding)."""
+    return torch.stack([torch.arange(length) < len(job.prompt) for job in jobs])
 
 
 # --- text-token scores (no UNet) -----------------------------------------------------------------
@@ -234,24 +287,34 @@ def text_scores(bench: ModuleType, model, jobs: list[Job]) -> dict[str, Tensor]:
         uncond = model.encode_text([[]])[0]  # (T, D)
         vocabulary = [w for w in bench.DEFINITION.world.VOCABULARY[1:]]
         words = model.encode_text([[w] for w in vocabulary])[:, 0]  # (V, D)
-    real = torch.stack(
-        [torch.arange(cond.shape[1]) < len(job.prompt) for job in jobs]
-    )  # (J, T): the prompt's words, not its padding
+    real = prompt_tokens(jobs, cond.shape[1])
     scores = {name: torch.zeros(len(pool), len(jobs)) for name in CANDIDATES if name.startswith("e ")}
+    per_token, vocabulary_medians = [], []
     for i, name in enumerate(pool):
         deltas, weights = context_deltas(model, model.loras[name], bench.LORA_SCALE)
-        on_prompt = token_response(cond, deltas).masked_fill(~real, 0).amax(1)
+        per_token.append(token_response(cond, deltas))
+        on_prompt = per_token[-1].masked_fill(~real, 0).amax(1)
         scores["e text ratio"][i] = on_prompt / token_response(uncond, deltas).amax()
-        scores["e text / vocab"][i] = on_prompt / token_response(words, deltas).median()
+        vocabulary_medians.append(token_response(words, deltas).median())
+        scores["e text / vocab"][i] = on_prompt / vocabulary_medians[-1]
         relative = token_response(cond, deltas, weights).masked_fill(~real, 0).amax(1)
         scores["e text relative"][i] = relative / token_response(uncond, deltas, weights).amax()
+    responses = torch.stack(per_token)  # (M, J, T)
+    scores["e text pool-rel"] = pool_relative(responses).masked_fill(~real, 0).amax(2)
+    by_vocabulary = responses / torch.stack(vocabulary_medians)[:, None, None]
+    scores["e text vocab+pool"] = pool_relative(by_vocabulary).masked_fill(~real, 0).amax(2)
     return scores
+
+
+def pool_relative(responses: Tensor) -> Tensor:
+    """(M, ...) each LoRA's response over the pool's mean response to the same token."""
+    return responses / responses.mean(0, keepdim=True).clamp_min(1e-12)
 
 
 # --- accuracy and the table ----------------------------------------------------------------------
 
 
-def accuracy(scores: Tensor, pool: Sequence[str], sets: Sequence[tuple[str, ...]]) -> dict[int, tuple[float, float]]:
+def accuracy(scores: Tensor, pool: Sequence[str], sets: Sequence[tuple[str, ...]]) -> dict[int, tuple]:
     """scores (M, J) -> {N: (exact-set accuracy, mean recall)} of each job's top-N."""
     hits: dict[int, list[tuple[float, float]]] = {}
     for j, wanted in enumerate(sets):
@@ -284,14 +347,14 @@ def table(results: dict[str, dict[str, dict]], ns: Sequence[int] = (2, 3, 4, 5))
     """One row per candidate; per benchmark exact-set accuracy per N, its average and the mean
     recall; the last column averages the benchmarks' exact averages."""
     names = list(results)
-    head = f"{'candidate':22}" + "".join(
+    head = f"{'candidate':24}" + "".join(
         f" | {name[:10]:>10}" + "".join(f" {'N=' + str(n):>5}" for n in ns) + f" {'avg':>5} {'rec':>5}"
         for name in names
     )
     head += " | both"
     lines = [head, "-" * len(head)]
     for candidate in CANDIDATES:
-        line, averages = f"{candidate:22}", []
+        line, averages = f"{candidate:24}", []
         for name in names:
             per_n = results[name][candidate]
             exact, recall = summary(per_n)
@@ -303,9 +366,11 @@ def table(results: dict[str, dict[str, dict]], ns: Sequence[int] = (2, 3, 4, 5))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--benchmark", default="all", help=f"all, or one of {', '.join(BENCHMARKS)}")
-    parser.add_argument("--limit", type=int, default=None, help="this many dev sets, spread over N (default: all 120)")
+    parser.add_argument("--limit", type=int, default=None, help="dev sets, spread over N (default: 120)")
     parser.add_argument("--steps", type=int, default=4, help="K: base-trajectory steps the @K scores average")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
