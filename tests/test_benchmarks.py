@@ -47,3 +47,12 @@ def test_bench_step_prints_image_times_and_ends_with_the_fast_to_merge_ratios(ca
     assert "fast/mg" in out and "ours/floor" in out
     lines = out.strip().splitlines()
     assert lines[-1].startswith("N=3 fast/merge ") and float(lines[-1].split()[-1]) > 0
+
+
+def test_selection_prints_every_candidate_for_both_benchmarks(capsys):
+    selection = load("selection")
+    selection.main(["--limit", "2", "--steps", "1"])
+    out = capsys.readouterr().out
+    rows = {line.split(" |")[0].strip() for line in out.splitlines() if " | " in line}
+    assert set(selection.CANDIDATES) <= rows
+    assert "composlora" in out and "pixelworld" in out and "took" in out
