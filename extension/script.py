@@ -18,6 +18,12 @@ from .args import ARGS, MODE_LABELS, NAMES, PATCH_CHOICES, Settings, from_infote
 from .maps import mean_weights, weight_map_images
 
 TOOLTIPS = {arg.name: arg.help for arg in ARGS}
+# The WebUI's ui-config.json keeps each control's value by its label, and A1111 writes every
+# control's default there at first start: under the labels of earlier versions ("Patch size": 4,
+# "Temperature": 1.0, softmin's) it would override the defaults those versions did not have.
+PATCH_LABEL = "Patch size (fraction or pixels)"
+TEMPERATURE_LABEL = "Temperature (tau)"
+OLD_LABELS = ("Patch size", "Temperature")
 # WebUI 1.10 takes a list value of extra_generation_params per image (A1111 47ed9b2d), in the release
 # that gave callbacks their names; before it (A1111 1.6-1.9, old Forge) a list is written whole
 LISTS_PER_IMAGE = "name" in inspect.signature(script_callbacks.on_ui_tabs).parameters
@@ -66,7 +72,7 @@ class LoRAtorioScript(scripts.Script):
             choices=PATCH_CHOICES,
             value=defaults.patch_size,
             allow_custom_value=True,
-            label="Patch size",
+            label=PATCH_LABEL,
             elem_id=self.elem_id("patch_size"),
         )
         weighting = gr.Dropdown(
@@ -80,7 +86,7 @@ class LoRAtorioScript(scripts.Script):
             10.0,
             step=0.001,
             value=defaults.temperature,
-            label="Temperature",
+            label=TEMPERATURE_LABEL,
             elem_id=self.elem_id("temperature"),
         )
         recenter = gr.Slider(

@@ -3,9 +3,9 @@
     const tips = {
         "LoRAtorio": "Compose the prompt's <lora:...> tags per step and per region instead of merging them into the model.",
         "Mode": "LoRAtorio composes per patch; Composite, Switch and Merge are the published baselines, for comparison.",
-        "Patch size": "Side of the latent patches whose similarity to the base model decides which LoRA owns them (1 latent pixel = 8 image pixels).",
+        "Patch size (fraction or pixels)": "Side of the latent patches whose similarity to the base model decides which LoRA owns them (1 latent pixel = 8 image pixels).",
         "Weighting": "How a patch's divergences become weights: power (default; the same temperature means the same on every model), softmin (the paper's), spread, median, rank.",
-        "Temperature": "How decisively a patch goes to the most divergent LoRA: small values give one LoRA per patch, large ones a blend (power's 5: weights grow as divergence ** 0.2).",
+        "Temperature (tau)": "How decisively a patch goes to the most divergent LoRA: small values give one LoRA per patch, large ones a blend (power's 5: weights grow as divergence ** 0.2).",
         "Re-centering (lam)": "Share of the base model in the negative branch; 1 skips the LoRAs' negative passes (faster).",
         "Pool (folder or named pool)": "A folder of LoRAs, a pool named in the LoRAtorio tab, or LoRA names separated by commas, to choose from.",
         "Top-k (0: all)": "Keep only the k LoRAs (prompt and pool together) most relevant to each image; 0 keeps them all.",

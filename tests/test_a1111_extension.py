@@ -635,9 +635,9 @@ def test_infotext_fields_paste_the_settings_back(webui):
     assert {k: v for k, v in pasted.items() if v is not None} == {
         "LoRAtorio": True,
         "Mode": "Switch",
-        "Patch size": "8",
+        "Patch size (fraction or pixels)": "8",
         "Weighting": "power",
-        "Temperature": 0.2,
+        "Temperature (tau)": 0.2,
         "Re-centering (lam)": 0.75,
         "Pool (folder or named pool)": "",
         "Top-k (0: all)": 0,
@@ -724,10 +724,22 @@ def test_pool_loras_are_composed_at_the_scale_their_entry_gives(webui, monkeypat
     assert composed == [[("l2", 0.6), ("l0", 0.7), ("l1", 1.0)]]  # the prompt's tag keeps its own
 
 
+def test_controls_whose_default_changed_take_labels_no_saved_ui_config_holds(webui):
+    # ui-config.json keys a control's value by its label; an upgraded WebUI holds the old labels'
+    # old defaults (patch 4, softmin's temperature 1.0), which would override the new ones.
+    from modules import scripts
+
+    script = webui.script_class()
+    labels = [component.label for component, _ in scripts.ScriptRunner([script]).infotext_fields]
+    module = importlib.import_module(type(script).__module__)
+    assert {module.PATCH_LABEL, module.TEMPERATURE_LABEL} <= set(labels)
+    assert not set(module.OLD_LABELS) & set(labels)
+
+
 def test_tooltips_cover_every_setting_of_the_accordion():
     import re
 
-    labels = set(re.findall(r'label="([^"]+)"', (ROOT / "extension" / "script.py").read_text()))
+    labels = set(re.findall(r'(?:label=|_LABEL = )"([^"]+)"', (ROOT / "extension" / "script.py").read_text()))
     tips = set(re.findall(r'"([^"]+)": "', (ROOT / "javascript" / "loratorio.js").read_text()))
     assert labels == tips
 

@@ -221,8 +221,8 @@ def test_a_cli_picture_pastes_its_settings_into_the_webui_extensions_fields(
     assert {label: value for label, value in pasted.items() if value is not None} == {
         "LoRAtorio": True,
         "Mode": "LoRAtorio",
-        "Patch size": "1/8",
-        "Temperature": 0.2,
+        "Patch size (fraction or pixels)": "1/8",
+        "Temperature (tau)": 0.2,
         "Re-centering (lam)": 0.75,
         "Pool (folder or named pool)": str(pool),
         "Top-k (0: all)": 2,
