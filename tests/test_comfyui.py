@@ -107,6 +107,7 @@ def expected(
     lam=LAM,
     top_k=None,
     control=None,
+    rule=reference.DEFAULT_RULE,
 ):
     """The sampling the nodes should give, from merged copies of the fake checkpoint: the fake's
     Euler on its "normal" schedule, every prediction eps from a copy with one LoRA merged (or none),
@@ -143,6 +144,7 @@ def expected(
             lam=lam if cfg != 1 else 1.0,
             scale=cfg,
             keep=keep,
+            rule=rule,
         ).float()
         x = x + guided * (sigmas[i + 1] - s)
     return comfy.nodes.FakeVAE().decode(x)
@@ -549,6 +551,16 @@ def test_an_area_only_positive_with_lam_below_1_fails_with_what_to_do(comfy):
 
 
 # --- bad input ----------------------------------------------------------------------------------------
+
+
+def test_the_weighting_rule_and_the_gated_pass_are_inputs_of_apply(comfy):
+    paper = run(comfy, workflow(**{"4": {"weighting": "softmin"}}))["loratorio"]
+    _close(paper, expected(comfy, rule="softmin"))  # the paper's rule, as written out
+    assert not torch.allclose(paper, run(comfy, workflow())["loratorio"])  # the default, power
+    gated = run(comfy, workflow(**{"4": {"exact_every": 2, "exact_first": 1}}))["loratorio"]
+    assert torch.isfinite(gated).all() and not torch.allclose(gated, run(comfy, workflow())["loratorio"])
+    with pytest.raises(ValueError, match="weighting='sharp' is not one of"):  # ComfyUI's own check of a list
+        run(comfy, workflow(**{"4": {"weighting": "sharp"}}))
 
 
 def test_bad_settings_and_files_fail_with_a_message_naming_them(comfy, tmp_path):
