@@ -183,6 +183,7 @@ def run_generate(args) -> list[Path]:
         config,
         max_rows=args.max_rows,
         text_encoder_loras=not args.no_text_encoder_loras,
+        asked=[index < len(args.lora) for index in range(len(loras))],  # --lora first, then --pool
     )
     for warning in composer.warnings:
         print(f"loratorio: warning: {warning}", file=sys.stderr)

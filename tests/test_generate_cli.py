@@ -115,6 +115,21 @@ def test_generate_with_a_pool_records_the_kept_loras_per_image(model_folder, tmp
         assert len(kept.split(", ")) == 2
 
 
+def test_top_k_keeps_the_loras_given_by_name_before_the_pool(model_folder, tmp_path, capsys):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    for i in range(3):
+        (pool / f"p{i}.safetensors").write_bytes((model_folder / f"lora{i}.safetensors").read_bytes())
+    out = tmp_path / "named.png"
+    args = (model_folder / "sd", "-p", "a knight", "--lora", model_folder / "lora1.safetensors", "--pool", pool)
+    code, stdout, err = run(
+        capsys, *args, "--top-k", 2, "--steps", 2, "--width", 16, "--height", 16, "--output", out, "--quiet"
+    )
+    assert code == 0, err
+    kept = Image.open(out).text["parameters"].split('LoRAtorio kept: "')[1].split('"')[0].split(", ")
+    assert len(kept) == 2 and "lora1" in kept  # asked for by --lora; the pool fills the other place
+
+
 @pytest.mark.parametrize(
     "extra, fragment",
     [

@@ -66,7 +66,9 @@ class LoRAtorioDiffusers:
     loras: LoRA files (paths or loaded ``LoRAFile``s) in prompt order. scales: their multipliers
     (1.0 each by default). max_rows: evaluate at most this many UNet rows per call (memory),
     with identical results. text_encoder_loras: apply the LoRAs' text-encoder layers per
-    adapter (True) or ignore them (False).
+    adapter (True) or ignore them (False). asked: per LoRA, whether the user asked for it by name
+    (the CLI's ``--lora``, against ``--pool``): with top-k those are kept first, then the LoRAs
+    whose training tags the prompt names, then the most divergent.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class LoRAtorioDiffusers:
         *,
         max_rows: int | None = None,
         text_encoder_loras: bool = True,
+        asked: Sequence[bool] | None = None,
     ):
         self.pipe = pipe
         self.config = config if config is not None else LoRAtorioConfig()
@@ -87,6 +90,9 @@ class LoRAtorioDiffusers:
             raise ValueError(f"scales has {len(scales)} entries for {len(self.loras)} LoRAs")
         self.adapters = [Adapter(lora.name, float(s)) for lora, s in zip(self.loras, scales, strict=True)]
         self.max_rows = max_rows
+        self.asked = [False] * len(self.loras) if asked is None else [bool(a) for a in asked]
+        if len(self.asked) != len(self.loras):
+            raise ValueError(f"asked has {len(self.asked)} entries for {len(self.loras)} LoRAs")
         self.warnings: list[str] = []
 
         unet_aliases = layer_aliases(pipe.unet)
@@ -199,13 +205,14 @@ class LoRAtorioDiffusers:
         return result
 
     def _named(self, prompts: list[str], repeat: int) -> Tensor | None:
-        """(N, B) the LoRAs each image's prompt names by their training tags (kohya
-        ``ss_tag_frequency``), which top-k keeps first; None without top-k or without tags."""
+        """(N, B) the LoRAs each image asks for: by name (``asked``) or by the training tags (kohya
+        ``ss_tag_frequency``) its prompt names; top-k keeps them first. None without top-k or when
+        nothing is asked for."""
         if self.config.top_k is None:
             return None
         tags = [tag_frequencies(lora.metadata) for lora in self.loras]
         # diffusers lays out each prompt's images side by side (repeat_interleave order)
-        return named_by_prompts([p for p in prompts for _ in range(repeat)], tags)
+        return named_by_prompts([p for p in prompts for _ in range(repeat)], tags, self.asked)
 
     # --- conditioning --------------------------------------------------------------------------
 
