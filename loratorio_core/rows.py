@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .config import LoRAtorioConfig
 from .gating import GateState, split_gate_state, stack_gate_states
-from .lora.runtime import LoRARuntime, evaluate_entries
+from .lora.runtime import LoRARuntime, evaluate_entries, take_rows
 from .step import COND, UNCOND, Adapter, CondResult, StepComposer
 
 Convert = Callable[[Tensor, Mapping[str, object]], Tensor]
@@ -188,12 +188,12 @@ class RowComposer:
             entry_adapters += plan_u.entry_adapters[first:]
 
         index = torch.cat(entry_rows)
-        gathered = _take(inputs, index)
+        gathered = take_rows(inputs, index)
         if adapter_inputs:
             keys = [a[0][0] if len(a) == 1 else (None if not a else "shared") for a in entry_adapters]
             for key in set(keys) & set(adapter_inputs):
                 rows_of_key = torch.tensor([r for r, k in enumerate(keys) if k == key])
-                _assign(gathered, rows_of_key, _take(adapter_inputs[key], index[rows_of_key]))
+                _assign(gathered, rows_of_key, take_rows(adapter_inputs[key], index[rows_of_key]))
         output = evaluate_entries(forward, self.runtime, entry_adapters, gathered, max_rows=self.max_rows)
         eps = to_eps(output, gathered) if to_eps is not None else output
         composed = eps.new_empty((rows, *eps.shape[1:]))
@@ -218,7 +218,7 @@ class RowComposer:
                 for k, r in enumerate(uncond_rows):
                     self._residual_uncond[labels[r].sample] = residual[k : k + 1]
         if from_eps is not None:
-            composed = from_eps(composed, _take(inputs, torch.arange(rows)))
+            composed = from_eps(composed, take_rows(inputs, torch.arange(rows)))
         for r, output in known.items():
             composed[r] = output.to(composed)
         return composed
@@ -343,15 +343,6 @@ def _rows(inputs: Mapping[str, object]) -> int:
             return _rows({"_": value[0]})
     raise ValueError("inputs holds no tensor with the rows on dimension 0")
 
-
-def _take(value, index: Tensor):
-    if isinstance(value, Tensor):
-        return value.index_select(0, index.to(value.device))
-    if isinstance(value, Mapping):
-        return {key: _take(item, index) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_take(item, index) for item in value)
-    return value
 
 
 def _assign(target, rows: Tensor, values) -> None:

@@ -154,7 +154,7 @@ def evaluate_entries(
     if order is not None:
         index = torch.tensor(order)
         row_adapters = [row_adapters[i] for i in order]
-        batched = {key: _take(value, index) for key, value in batched.items()}
+        batched = {key: take_rows(value, index) for key, value in batched.items()}
     step = total if max_rows is None else max_rows
     outputs = []
     for start in range(0, total, step):
@@ -181,14 +181,14 @@ def adapter_major_order(row_adapters: RowAdapters) -> list[int] | None:
     return None if order == list(range(len(keys))) else order
 
 
-def _take(value, index: Tensor):
+def take_rows(value, index: Tensor):
     """``value`` (a tensor, or dicts/lists of tensors, rows on dimension 0) at rows ``index``."""
     if isinstance(value, Tensor):
         return value.index_select(0, index.to(value.device))
     if isinstance(value, Mapping):
-        return {key: _take(item, index) for key, item in value.items()}
+        return {key: take_rows(item, index) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_take(item, index) for item in value)
+        return type(value)(take_rows(item, index) for item in value)
     return value
 
 
