@@ -149,7 +149,7 @@ def test_composition_equals_the_method_written_out_on_merged_copies(sd, tmp_path
     ]
     loras = [load_lora(p) for p in paths]
     scales = [0.8, 1.0, 0.6]
-    config = LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=0.5)
+    config = LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5)
     ours = LoRAtorioDiffusers(sd, paths, scales, config)(
         "a red cube", steps=3, guidance_scale=5.0, height=16, width=16, output_type="latent"
     )

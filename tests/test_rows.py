@@ -105,7 +105,7 @@ def forward(unet):
     return lambda x, t, context: unet(x, t, context)
 
 
-CONFIG = LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=0.5)
+CONFIG = LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5)
 
 
 def test_one_cfg_call_gives_each_row_its_composed_branch():
@@ -184,7 +184,7 @@ def test_and_prompts_compose_each_cond_row_and_the_uncond_takes_their_mean_weigh
 def test_lam_one_needs_no_lora_uncond_rows_and_gives_the_base_uncond():
     unet, adapters = build()
     inputs, labels = host_batch()
-    config = LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=1.0)
+    config = LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=1.0)
     calls = []
     rows, runtime = composer_for(unet, adapters, config)
     with torch.no_grad():
@@ -198,7 +198,7 @@ def test_lam_one_needs_no_lora_uncond_rows_and_gives_the_base_uncond():
 def test_top_k_keeps_its_set_across_steps_and_calls_and_names_the_kept():
     unet, adapters = build()
     inputs, labels = host_batch()
-    config = LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=0.5, top_k=2, reselect_every=2)
+    config = LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5, top_k=2, reselect_every=2)
     rows, runtime = composer_for(unet, adapters, config)
     sizes = []
 
@@ -278,7 +278,7 @@ def test_recorded_weights_and_bad_labels():
     torch.testing.assert_close(rows.weights[0][0].sum(0), torch.ones(4, 4))
 
 
-GATED = LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=0.5, exact_every=3, exact_first=1)
+GATED = LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5, exact_every=3, exact_first=1)
 
 
 def steps_through_the_core(unet, runtime, inputs, labels, config, steps):

@@ -169,7 +169,7 @@ def by_row(plan, predictions):
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
 def test_loratorio_combine_matches_the_reference(lam):
-    config = LoRAtorioConfig(patch_size=3, temperature=0.05, recenter=lam)
+    config = LoRAtorioConfig(patch_size=3, temperature=1.0, recenter=lam)
     composer = StepComposer(config)
     plan = composer.plan(0, ADAPTERS[:3], batch_size=2)
     preds = fake_predictions(plan)
@@ -178,7 +178,7 @@ def test_loratorio_combine_matches_the_reference(lam):
     loras_c = torch.stack([lora("cond", i) for i in range(3)])
     loras_u = torch.stack([lora("uncond", i) for i in range(3)]) if lam < 1 else None
     expected = ref.loratorio_step(
-        rows[("cond", ())], rows[("uncond", ())], loras_c, loras_u, d=3, tau=0.05, lam=lam, scale=7.5
+        rows[("cond", ())], rows[("uncond", ())], loras_c, loras_u, d=3, tau=1.0, lam=lam, scale=7.5
     )
     # float64 in, float64 throughout: the formulas exactly; float32: within its round-off,
     # which a small temperature and the CFG scale amplify.
@@ -188,7 +188,7 @@ def test_loratorio_combine_matches_the_reference(lam):
     result = composer.combine(plan, preds, 7.5)
     torch.testing.assert_close(result.eps.double(), expected, atol=1e-3, rtol=1e-4)
     assert result.weights.shape == (3, 2, 4, 3)
-    torch.testing.assert_close(result.weights.sum(0), torch.ones(2, 4, 3))
+    torch.testing.assert_close(result.weights.sum(0), torch.ones(2, 4, 3, dtype=result.weights.dtype))
     expected_div = (1 - ref.similarity(loras_c, rows[("cond", ())], 3)).mean((2, 3))
     torch.testing.assert_close(result.divergence.double(), expected_div, atol=1e-6, rtol=1e-6)
     assert result.kept is None
@@ -398,10 +398,10 @@ def denoise_by_hand(model, config, adapters, x, cond, uncond, steps, scale):
 @pytest.mark.parametrize(
     "config, scale",
     [
-        (LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=0.5), 7.0),
+        (LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5), 7.0),
         (LoRAtorioConfig(patch_size=3, temperature=0.02, recenter=1.0), 5.0),
-        (LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=0.5), 1.0),
-        (LoRAtorioConfig(patch_size=2, temperature=0.05, recenter=0.5, top_k=2, reselect_every=2), 7.0),
+        (LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5), 1.0),
+        (LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5, top_k=2, reselect_every=2), 7.0),
         (LoRAtorioConfig(mode="composite"), 7.0),
         (LoRAtorioConfig(mode="switch", switch_every=2), 7.0),
         (LoRAtorioConfig(mode="merge"), 7.0),

@@ -46,7 +46,7 @@ def test_similarity_matches_reference_including_edge_patches(shape, seed):
     loras, base = predictions(seed, n, b, c, h, w)
     got = patch_cosine_similarity(loras, base, d)
     assert got.shape == (n, b, math.ceil(h / d), math.ceil(w / d))
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float64
     torch.testing.assert_close(got.double(), ref.similarity(loras, base, d), atol=1e-5, rtol=1e-5)
 
 
@@ -86,7 +86,7 @@ def test_upsampled_weights_sum_to_one_at_every_pixel(shape, seed, mode):
     up = upsample_weights(weights, (h, w), d, mode)
     assert up.shape == (n, b, 1, h, w)
     assert torch.all(up >= 0)
-    torch.testing.assert_close(up.sum(0), torch.ones(b, 1, h, w))
+    torch.testing.assert_close(up.sum(0), torch.ones(b, 1, h, w, dtype=up.dtype))
 
 
 @given(st.integers(1, 3), st.integers(1, 9), st.integers(1, 9), st.integers(1, 4), st.integers(0, 2**16))
@@ -184,7 +184,7 @@ def test_half_precision_inputs_give_finite_results_within_tolerance(dtype):
     loras, base = predictions(3, 3, 2, 4, 16, 12)
     full_sim = patch_cosine_similarity(loras, base, 4)
     half_sim = patch_cosine_similarity(loras.to(dtype), base.to(dtype), 4)
-    assert half_sim.dtype == torch.float32
+    assert half_sim.dtype == torch.float64
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(half_sim, full_sim, atol=tol, rtol=0)
     up = upsample_weights(softmin_weights(half_sim, 0.05), (16, 12), 4)
