@@ -59,7 +59,7 @@ class LoRAtorioConfig:
       over five rules; scale-free, so it does not drift to uniform where cosine similarities sit
       near 1 as on real SD (softmin tau 1 does: its winning weight is 1/N's on both toys);
       sharper settings of every rule lost on both.
-    - lam 0.5: lam 1 (N + 2 rows instead of 2N + 2) lost 17 points of all-present.
+    - lam 0.5: lam 1 (N + 2 rows instead of 2N + 2) lost 20 points of all-present.
     - patch 1/16 of the side: 1/8 tied, and the finer patch follows small concepts.
     """
 
