@@ -148,6 +148,26 @@ def test_quality_benchmark_runs_end_to_end_on_a_tiny_subset(capsys):
     for method in quality.methods():
         assert method.label in out
     assert "gt-rmse" in out and "avg [95% CI]" in out and "win" in out
+    assert "minus each method, paired on the same sets and seeds" in out
+
+
+def test_the_paired_difference_cancels_how_hard_each_set_is():
+    sys.path.insert(0, str(BENCHMARKS))
+    import quality
+
+    def records(hits: dict[tuple, list[bool]]) -> list[dict]:
+        return [{"set": key, "found": {"a": hit}} for key, seeds in hits.items() for hit in seeds]
+
+    # Ten sets of N = 2 of varied difficulty (1-3 of 4 images found by ours): ours finds exactly one
+    # image more than the baseline in every set, so the rates spread from 0 to 0.75 over the sets
+    # while the difference never moves.
+    sets = [("a", f"x{i}") for i in range(10)]
+    found = {key: 1 + i % 3 for i, key in enumerate(sets)}
+    ours = records({key: [k < found[key] for k in range(4)] for key in sets})
+    baseline = records({key: [k < found[key] - 1 for k in range(4)] for key in sets})
+    assert quality.paired_difference(ours, baseline)[2] == pytest.approx((0.25, 0.25, 0.25))
+    # Equal methods differ by nothing, however the sets are resampled.
+    assert quality.paired_difference(ours, ours)[2] == (0.0, 0.0, 0.0)
 
 
 def test_sweep_runs_every_rule_then_patch_and_lam_at_the_best_and_names_it(capsys):
