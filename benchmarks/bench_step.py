@@ -7,7 +7,9 @@ one whole image (``--steps`` steps with CFG, a simple Euler-like update between 
   exact 1     the same at lam 1: N + 2 rows a step
   fast        the gated default (``GATED_DEFAULT``): exact steps only at the start and every K-th
               step, 2 rows (one gated cond row with every LoRA, one uncond row) between
-and, for one exact lam-0.5 step, the per-row runtime with each adapter's rows scattered and
+``gstep/mg``: one gated step (2 rows, every LoRA active and gated) over one merge step (2 rows,
+the LoRAs merged): the floor of any schedule of the gated pass. And, for one exact lam-0.5 step,
+the per-row runtime with each adapter's rows scattered and
 gathered (the plan's order, index tensors) against the adapter-major layout with one slice per
 adapter that ``evaluate_entries`` now uses. The last two lines are the gated default's ratio to
 merge at N = 3 and 5 (the target: at most 1.5 at N = 5).
@@ -319,6 +321,9 @@ def time_images(unet, batch, latent, device, dtype, n_loras, steps, repeats, mem
             out[label] = composed_image(unet, runtime, composer, specs, x0, context, y, steps, device, timer)
         exact_kind = signature(StepComposer(IMAGE_METHODS["exact .5"]).plan(0, specs, batch_size=batch))
         out["step slices"] = timer.seconds[exact_kind]
+        # a gated step's rows all carry gates (lam < 1): what one step between exact ones costs
+        gated_kinds = [k for k in timer.seconds if all(factor is not None for _, _, factor in k)]
+        out["gated step"] = timer.seconds[gated_kinds[0]] if gated_kinds else float("nan")
         out["step gather"] = gathered_exact_step(unet, runtime, specs, x0, context, y, device, repeats)
     merge_into(unet, adapters, 1.0)
     try:
@@ -457,7 +462,7 @@ def main(argv: list[str] | None = None) -> None:
         what = "seconds" if device.type == "cuda" else "CPU seconds (process time)"
         print(f"\n{kind}, {latent}x{latent} latent: {what} per image; one exact lam-0.5 step in ms")
         columns = ["merge s", "exact.5 s", "exact1 s", "fast s", "exact.5/mg", "exact1/mg", "fast/mg"]
-        columns += ["gather ms", "slices ms", "GiB"]
+        columns += ["gstep/mg", "gather ms", "slices ms", "GiB"]
         header = f"{'N':>2} " + " ".join(f"{c:>10}" for c in columns)
         print(header)
         print("-" * len(header))
@@ -471,6 +476,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"{n:>2} "
                     + " ".join(f"{v:>10.2f}" for v in values + ratios)
+                    + f" {r['gated step'] * args.steps / merge:>10.2f}"
                     + f" {r['step gather'] * 1e3:>10.0f} {r['step slices'] * 1e3:>10.0f}"
                     + f" {memory.get('peak', float('nan')):>10.2f}"
                 )

@@ -38,14 +38,18 @@ def test_bench_step_prints_image_times_and_ends_with_the_fast_to_merge_ratios(ca
             "--latent",
             "8",
             "--steps",
-            "4",
+            "5",  # the gated default's first gated step is step 4
             "--per-step",
         ]
         + ["--skip-diffusers"]
     )
     out = capsys.readouterr().out
-    assert "fast/mg" in out and "ours/floor" in out
+    assert "fast/mg" in out and "ours/floor" in out and "gstep/mg" in out
     lines = out.strip().splitlines()
+    # the gated step's own cost is measured (a number, not nan) on every LoRA count
+    # (N, 4 image times, 3 ratios, gstep/mg, gather ms, slices ms, GiB)
+    rows = [line.split() for line in lines if line.split()[:1] in (["1"], ["3"]) and len(line.split()) == 12]
+    assert len(rows) == 2 and all(float(row[8]) > 0 for row in rows)
     assert lines[-1].startswith("N=3 fast/merge ") and float(lines[-1].split()[-1]) > 0
 
 
