@@ -472,3 +472,26 @@ def test_each_image_of_a_batch_records_the_loras_it_kept(forge):
     assert len(values) == 2
     for value in values:  # two names of the pool, not a list of every image's
         assert "[" not in value and len(value.split(", ")) == 2 and set(value.split(", ")) <= {"l0", "l1", "l2"}
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-call", "memory-split"])
+def test_the_gated_single_pass_evaluates_two_rows_between_exact_steps_however_forge_splits_its_batch(forge, split):
+    """exact_every 2, exact_first 1 over 6 steps: exact steps 0, 2, 4 evaluate base + both LoRAs
+    in cond and uncond (6 rows) and the 2 gated rows whose residual the next step adds; gated
+    steps 1, 3, 5 only those 2 rows, as merging costs. The memory split gives the same image."""
+    gated = ON + [2, 1]
+    together, _ = generate(forge, PROMPT, gated, steps=6)
+    rows: list[int] = []
+    unet = forge.sd.forge_objects_original.unet.model.diffusion_model
+    handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        if split:
+            split_by_memory(forge)
+        result, _ = generate(forge, PROMPT, gated, steps=6)
+    finally:
+        handle.remove()
+    assert sum(rows) == 3 * (6 + 2) + 3 * 2
+    torch.testing.assert_close(result.images[0], together.images[0], atol=3e-4, rtol=1e-3)
+    exact, _ = generate(forge, PROMPT, ON, steps=6)
+    assert not torch.allclose(together.images[0], exact.images[0], atol=1e-3)
+    assert "LoRAtorio exact every: 2" in together.infotexts[0]
