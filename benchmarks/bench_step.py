@@ -322,8 +322,8 @@ def time_images(unet, batch, latent, device, dtype, n_loras, steps, repeats, mem
         exact_kind = signature(StepComposer(IMAGE_METHODS["exact .5"]).plan(0, specs, batch_size=batch))
         out["step slices"] = timer.seconds[exact_kind]
         # a gated step's rows all carry gates (lam < 1): what one step between exact ones costs
-        gated_kinds = [k for k in timer.seconds if all(factor is not None for _, _, factor in k)]
-        out["gated step"] = timer.seconds[gated_kinds[0]] if gated_kinds else float("nan")
+        gated = (s for k, s in timer.seconds.items() if all(factor is not None for _, _, factor in k))
+        out["gated step"] = next(gated, float("nan"))
         out["step gather"] = gathered_exact_step(unet, runtime, specs, x0, context, y, device, repeats)
     merge_into(unet, adapters, 1.0)
     try:

@@ -240,6 +240,14 @@ def all_present(record: dict) -> float:
     return float(all(record["found"].values()))
 
 
+def per_set_rates(records: list[dict]) -> dict[tuple, float]:
+    """Each set's all-present rate over its seeds, in the records' order of sets."""
+    grouped: dict[tuple, list[float]] = {}
+    for r in records:
+        grouped.setdefault(r["set"], []).append(all_present(r))
+    return {key: sum(v) / len(v) for key, v in grouped.items()}
+
+
 def summarize(bench: ModuleType, records: list[dict], boot: int = 1000, seed: int = 0) -> dict:
     """Per N and on average: all-present rate with a 95% bootstrap interval, recall per
     category, mean gt-rmse and rows per image."""
@@ -251,10 +259,7 @@ def summarize(bench: ModuleType, records: list[dict], boot: int = 1000, seed: in
     ci_n = {}
     for n, rs in by_n.items():
         # Resample sets (all seeds of a set together), within N.
-        per_set: dict[tuple, list[float]] = {}
-        for r in rs:
-            per_set.setdefault(r["set"], []).append(all_present(r))
-        values = torch.tensor([sum(v) / len(v) for v in per_set.values()])
+        values = torch.tensor(list(per_set_rates(rs).values()))
         pick = torch.randint(0, len(values), (boot, len(values)), generator=gen)
         draws_n = values[pick].mean(1)
         ci_n[n] = (float(draws_n.quantile(0.025)), float(draws_n.quantile(0.975)))
@@ -284,14 +289,7 @@ def paired_difference(
     with a 95% bootstrap interval resampling the sets (both methods' images of a set together):
     (difference, low, high). The paired test is tighter than comparing two intervals, because
     how hard a set is cancels out."""
-
-    def per_set(rs: list[dict]) -> dict[tuple, float]:
-        grouped: dict[tuple, list[float]] = {}
-        for r in rs:
-            grouped.setdefault(r["set"], []).append(all_present(r))
-        return {key: sum(v) / len(v) for key, v in grouped.items()}
-
-    ours, theirs = per_set(records), per_set(baseline)
+    ours, theirs = per_set_rates(records), per_set_rates(baseline)
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for n in sorted({len(key) for key in ours}):
