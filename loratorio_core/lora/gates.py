@@ -101,8 +101,13 @@ class RowGates:
                 for g in gates
             ]
         )  # (R, H, W)
-        self._context = torch.tensor(
-            [g.context_scale if isinstance(g, Gate) else float(g) for g in gates], dtype=torch.float32
+        # Filled on the maps' device: a tensor from a Python list would make the host wait for a
+        # GPU at each block's first layer without position.
+        self._context = torch.stack(
+            [
+                torch.full((), g.context_scale if isinstance(g, Gate) else float(g), device=device)
+                for g in gates
+            ]
         )
         self._cache: dict[tuple, Tensor] = {}
 
