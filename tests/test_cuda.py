@@ -54,7 +54,9 @@ def build(seed: int = 0) -> tuple[UNetModel, list[dict[str, LayerUpdate]]]:
     torch.manual_seed(seed)
     unet = UNetModel(tiny_config()).eval()
     g = torch.Generator().manual_seed(seed + 1)
-    layers = [(n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and "blocks" in n]
+    layers = [
+        (n, m) for n, m in unet.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and "blocks" in n
+    ]
     adapters = []
     for _ in NAMES:
         updates = {}
@@ -79,7 +81,9 @@ def sample(unet, adapters, config, device, dtype, steps: int = 6, guidance: floa
     with runtime, torch.no_grad():
         for step in range(steps):
             t = 999 - 150 * step
-            plan = composer.plan(step, [Adapter(n, 0.8) for n in NAMES[: len(adapters)]], batch_size=2, kept=kept, gates=gates)
+            plan = composer.plan(
+                step, [Adapter(n, 0.8) for n in NAMES[: len(adapters)]], batch_size=2, kept=kept, gates=gates
+            )
             rows = {
                 "x": x[plan.sample_index.to(device)],
                 "timesteps": torch.full((plan.num_entries,), t, device=device),
