@@ -114,6 +114,19 @@ def test_a_sampling_on_the_device_gives_the_cpus_image_in_every_precision(config
     assert relative_difference(on_cpu, base) > 100 * TOLERANCE[torch.float32]
 
 
+@needs_cuda
+@pytest.mark.parametrize("config", [CONFIGS["exact lam 0.5"], CONFIGS["gated K=3"]], ids=["exact", "gated"])
+def test_under_autocast_as_a1111_runs_a_float32_model_the_image_is_the_cpus(config):
+    # Under autocast a layer's input, the LoRA's factors and the layer's output can differ in
+    # dtype (float32 norms feeding float16 matmuls): the change is cast, never accumulated across.
+    unet, adapters = build()
+    on_cpu = sample(unet, adapters, config, "cpu", torch.float32)
+    with torch.autocast("cuda", dtype=torch.float16):
+        on_device = sample(unet.to(DEVICE), adapters, config, DEVICE, torch.float32)
+    assert torch.isfinite(on_device).all()
+    assert relative_difference(on_device, on_cpu) < TOLERANCE[torch.float16]
+
+
 @pytest.mark.parametrize("config", [CONFIGS["exact lam 0.5"], CONFIGS["gated K=3"]], ids=["exact", "gated"])
 def test_the_model_is_left_bit_for_bit_as_it_was_after_a_sampling_and_after_an_error(config):
     unet, adapters = build()

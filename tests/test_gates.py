@@ -111,6 +111,80 @@ def test_each_gated_layer_equals_base_plus_each_loras_delta_times_its_gate_at_it
     torch.testing.assert_close(ours, hand, atol=1e-5, rtol=1e-5)
 
 
+def lowrank_of_rank(module: nn.Module, rank: int) -> LayerUpdate:
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return LayerUpdate(down=rnd(rank, w.shape[1]), up=rnd(w.shape[0], rank), alpha=rank / 2)
+    return LayerUpdate(down=rnd(rank, *w.shape[1:]), up=rnd(w.shape[0], rank, 1, 1), alpha=2.0 * rank)
+
+
+def other_form(module: nn.Module) -> LayerUpdate:
+    """A change that cannot stack with low-rank ones along the rank: Tucker (conv) or dense (linear)."""
+    w = module.weight
+    if isinstance(module, nn.Linear):
+        return LayerUpdate(dense=rnd(*w.shape))
+    return LayerUpdate(
+        down=rnd(2, w.shape[1], 1, 1), mid=rnd(2, 2, *w.shape[2:]), up=rnd(w.shape[0], 2, 1, 1)
+    )
+
+
+@pytest.mark.parametrize("rows_apart", [False, True], ids=["rows-together", "rows-apart"])
+@pytest.mark.parametrize("case", ["conv3x3-stride2", "self-attn-q-tokens", "cross-attn-k"])
+def test_loras_of_other_ranks_and_forms_in_one_gated_block_each_take_their_own_gate(case, rows_apart):
+    # A gated step's LoRAs are stacked along the rank at each layer, each gate multiplying its own
+    # part; ranks differ between LoRAs, and Tucker or dense changes keep their own path beside them.
+    path, make, in_shape, factor = CASES[case]
+    layer = make().eval()
+    model = Holder(path, layer)
+    updates = [lowrank_of_rank(layer, 2), lowrank_of_rank(layer, 5), other_form(layer)]
+    runtime = LoRARuntime(model, [{path: u} for u in updates])
+    maps = torch.rand(3, 8, 6, generator=g)
+    maps = maps / maps.sum(0)
+    scales, context = (0.8, 1.1, 0.6), (0.5, 0.9, 0.7)
+    gated = tuple((i, Gate(scales[i], maps[i], context[i])) for i in range(3))
+    rows = [gated, (), gated] if rows_apart else [gated, gated, ()]
+    x = rnd(3, *in_shape, scale=1)
+    with torch.no_grad(), runtime, runtime.rows(rows):
+        ours = model(x)
+    with torch.no_grad():
+        hand = layer(x)
+        for i, update in enumerate(updates):
+            change = delta_by_hand(layer, update, x)
+            for r, active in enumerate(rows):
+                if not active:
+                    continue
+                if factor is None:
+                    hand[r] += context[i] * change[r]
+                elif change.dim() == 4:
+                    hand[r] += change[r] * block_mean(maps[i : i + 1], factor)[0] * scales[i]
+                else:
+                    hand[r] += (
+                        change[r] * (block_mean(maps[i : i + 1], factor)[0] * scales[i]).flatten()[:, None]
+                    )
+    torch.testing.assert_close(ours, hand, atol=1e-5, rtol=1e-5)
+
+
+def test_under_autocast_the_loras_change_is_added_in_the_layers_output_dtype():
+    # Under autocast a layer's input, its LoRA's factors and its output can have three dtypes
+    # (A1111 on a GPU): the change is then computed and cast, never accumulated across dtypes.
+    layer = nn.Linear(6, 7).eval()
+    model = Holder("attn1.to_q", layer)
+    update = lowrank(layer)
+    runtime = LoRARuntime(model, [{"attn1.to_q": update}])
+    gate_map = torch.rand(8, 6, generator=g)
+    x = rnd(2, 48, 6, scale=1)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), runtime:
+        with runtime.rows([((0, Gate(1.0, gate_map, 1.0)),), ((0, 0.7),)]):
+            ours = model(x)
+    with torch.no_grad():
+        change = delta_by_hand(layer, update, x)
+        hand = layer(x)
+        hand[0] += change[0] * gate_map.flatten()[:, None]
+        hand[1] += 0.7 * change[1]
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), hand, atol=0.05, rtol=0.05)
+
+
 def test_rows_without_gates_in_a_gated_block_take_their_scale_everywhere():
     layer = nn.Conv2d(4, 5, 3, padding=1).eval()
     model = Holder("conv", layer)

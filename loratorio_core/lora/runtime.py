@@ -50,6 +50,8 @@ class LoRARuntime:
                 self._layers.setdefault(name, []).append((index, _Delta(modules[name], update)))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._assignment: _Assignment | None = None
+        # (layer, adapters, device, dtype) -> their low-rank factors stacked along the rank
+        self._stacked: dict[tuple, tuple[Tensor, Tensor]] = {}
         self.attached = False
 
     def attach(self) -> LoRARuntime:
@@ -87,7 +89,7 @@ class LoRARuntime:
         if not self.attached:
             raise RuntimeError("LoRARuntime.rows() needs the hooks attached: use `with runtime:` first")
         previous = self._assignment
-        self._assignment = _Assignment(row_adapters, self.num_adapters)
+        self._assignment = _Assignment(row_adapters, self.num_adapters, stacked=self._stacked)
         try:
             yield self
         finally:
@@ -106,7 +108,7 @@ class LoRARuntime:
         finally:
             self._assignment = previous
 
-    def _hook(self, name: str, deltas: list[tuple[int, _Delta]]) -> Callable:
+    def _hook(self, name: str, layer_deltas: list[tuple[int, _Delta]]) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             assignment = self._assignment
             if assignment is None or not assignment.groups:
@@ -120,6 +122,10 @@ class LoRARuntime:
                 )
             if torch.is_grad_enabled() and output.requires_grad:
                 output = output.clone()  # the in-place adds below then stay visible to autograd
+            if assignment.fused is not None:
+                deltas = assignment.fused.apply(name, layer_deltas, x, output)
+            else:
+                deltas = layer_deltas
             for index, delta in deltas:
                 group = assignment.groups.get(index)
                 if group is not None:
@@ -244,7 +250,7 @@ class _Group:
             return
         if self.runs is not None:
             for rows, scale in self.runs:
-                output[rows].add_(delta(x[rows]).to(output.dtype), alpha=scale)
+                delta.add_into(x[rows], output[rows], scale)
             return
         index, scales = self._index(x.device, output.dtype)
         change = delta(x.index_select(0, index)).to(output.dtype)
@@ -273,7 +279,13 @@ def _runs(rows: list[int], scales: list[float]) -> list[tuple[slice, float]]:
 
 
 class _Assignment:
-    def __init__(self, row_adapters: RowAdapters, num_adapters: int, every_row: bool = False):
+    def __init__(
+        self,
+        row_adapters: RowAdapters,
+        num_adapters: int,
+        every_row: bool = False,
+        stacked: dict | None = None,
+    ):
         self.num_rows = None if every_row else len(row_adapters)
         per_adapter: dict[int, tuple[list[int], list]] = {}
         for row, active in enumerate(row_adapters):
@@ -293,6 +305,7 @@ class _Assignment:
         self.groups: dict[int, _Group] = {
             index: _Group(rows, scales, every_row) for index, (rows, scales) in per_adapter.items()
         }
+        self.fused = _FusedGates.of(self.groups, {} if stacked is None else stacked)
 
 
 class _Delta:
@@ -327,6 +340,20 @@ class _Delta:
             self._cache[key] = tuple(None if w is None else w.to(device=device, dtype=dtype) for w in weights)
         return self._cache[key]
 
+    @property
+    def fusable(self) -> bool:
+        """Low rank with a 1 x 1 up (not dense, not Tucker, not a grouped conv): its up matmul can
+        add into the layer's output, and stack with other adapters' along the rank."""
+        return not (self.update.is_dense or self.grouped or self.update.mid is not None)
+
+    def add_into(self, x: Tensor, out: Tensor, alpha: float = 1.0) -> None:
+        """out += alpha * delta(x), in place; out: the layer's output on x's rows."""
+        if self.fusable:
+            down, up, _ = self._weights(x.device, x.dtype)
+            add_low_rank(self, x, down, up, out, alpha)
+        else:
+            out.add_(self(x).to(out.dtype), alpha=alpha)
+
     def __call__(self, x: Tensor) -> Tensor:
         module = self.module
         if self.update.is_dense or self.grouped:
@@ -352,3 +379,118 @@ class _Delta:
         else:
             padding = module.padding
         return F.conv2d(x, weight, bias, module.stride, padding, module.dilation, groups)
+
+
+def add_low_rank(
+    delta: _Delta, x: Tensor, down: Tensor, up: Tensor, out: Tensor, alpha: float = 1.0, hidden_scale=None
+) -> None:
+    """out += alpha * up(hidden_scale * down(x)), in place, for a low-rank change with a 1 x 1 up.
+
+    down: (r, in) or a conv's (r, in, kh, kw) with the layer's stride and padding; up: (out, r[, 1,
+    1]); hidden_scale: what multiplies the rank-space hidden (broadcast to it), or None. The up
+    matmul accumulates straight into ``out`` (one kernel, no temporary of the output's size) when
+    the dtypes agree and ``out`` is contiguous; otherwise the change is computed and added.
+    """
+    linear = is_linear(delta.module)
+    hidden = F.linear(x, down) if linear else delta._conv(x, down, None)
+    if hidden_scale is not None:
+        hidden = hidden * hidden_scale
+    up2d = up.flatten(1)
+    if out.dtype != hidden.dtype or up.dtype != out.dtype or not out.is_contiguous():
+        change = F.linear(hidden, up2d) if linear else F.conv2d(hidden, up2d[:, :, None, None])
+        out.add_(change.to(out.dtype), alpha=alpha)
+    elif linear:
+        out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up2d.t(), alpha=alpha)
+    else:
+        rows = out.shape[0]
+        out.view(rows, out.shape[1], -1).baddbmm_(
+            up2d.expand(rows, -1, -1), hidden.reshape(rows, hidden.shape[1], -1), alpha=alpha
+        )
+
+
+class _FusedGates:
+    """The gated adapters of a block that share their rows (a gated step's rows carry every LoRA).
+
+    At each layer their low-rank factors are stacked along the rank (cached once per run), and each
+    LoRA's gate multiplies its own part of the rank-space hidden: sum_i g_i * up_i(down_i(x)) =
+    up_cat(g * down_cat(x)), since a gate is one number per position and row and up is 1 x 1. So a
+    layer takes two matmuls for all the LoRAs instead of two per LoRA plus a multiply and an add
+    of the output's size each.
+    """
+
+    def __init__(self, groups: dict[int, _Group], stacked: dict):
+        self.groups = groups
+        self._stacked = stacked
+        self._split: dict[str, tuple[list, list]] = {}
+        self._scales: dict[tuple, Tensor] = {}
+
+    @classmethod
+    def of(cls, groups: dict[int, _Group], stacked: dict) -> _FusedGates | None:
+        """The largest set of gated groups with identical rows, or None when there are none."""
+        by_rows: dict[tuple[int, ...], dict[int, _Group]] = {}
+        for index, group in groups.items():
+            if group.gates is not None:
+                by_rows.setdefault(tuple(group.indices), {})[index] = group
+        if not by_rows:
+            return None
+        return cls(max(by_rows.values(), key=len), stacked)
+
+    def apply(self, name: str, deltas: list[tuple[int, _Delta]], x: Tensor, output: Tensor) -> list:
+        """Adds the fused adapters' gated changes to ``output``; returns the (index, delta) pairs of
+        this layer left for their own groups."""
+        taken, rest = self._take(name, deltas)
+        if not taken:
+            return rest
+        group = next(iter(self.groups.values()))
+        if group.runs is not None:
+            rows = group.runs[0][0]
+            xs, out, index = x[rows], output[rows], None
+        else:
+            index, _ = group._index(x.device, output.dtype)
+            xs, out = x.index_select(0, index), None
+        down, up, ranks = self._factors(name, taken, x.device, x.dtype)
+        delta = taken[0][1]
+        shape = out.shape if out is not None else torch.Size((len(index), *output.shape[1:]))
+        scale = self._hidden_scale(
+            name, taken, ranks, shape, x.device, x.dtype, conv=not is_linear(delta.module)
+        )
+        if out is not None:
+            add_low_rank(delta, xs, down, up, out, hidden_scale=scale)
+            return rest
+        change = torch.zeros(shape, device=output.device, dtype=output.dtype)
+        add_low_rank(delta, xs, down, up, change, hidden_scale=scale)
+        output.index_add_(0, index, change)
+        return rest
+
+    def _take(self, name: str, deltas: list[tuple[int, _Delta]]) -> tuple[list, list]:
+        """This layer's fusable deltas of the fused adapters (sharing one down shape), and the rest."""
+        if name not in self._split:
+            fusable = [(i, d) for i, d in deltas if i in self.groups and d.fusable]
+            shape = fusable[0][1].update.down.shape[1:] if fusable else None
+            taken = [(i, d) for i, d in fusable if d.update.down.shape[1:] == shape]
+            self._split[name] = (taken, [(i, d) for i, d in deltas if (i, d) not in taken])
+        return self._split[name]
+
+    def _factors(self, name: str, taken: list, device, dtype) -> tuple[Tensor, Tensor, tuple[int, ...]]:
+        key = (name, tuple(i for i, _ in taken), device, dtype)
+        if key not in self._stacked:
+            factors = [d._weights(device, dtype) for _, d in taken]
+            down = torch.cat([f[0] for f in factors])
+            up = torch.cat([f[1].flatten(1) for f in factors], dim=1)
+            self._stacked[key] = (down, up, tuple(f[0].shape[0] for f in factors))
+        return self._stacked[key]
+
+    def _hidden_scale(self, name, taken, ranks, shape, device, dtype, conv: bool) -> Tensor:
+        """Each LoRA's gate at this layer, repeated over its rank: (R, sum r, h, w) for a conv,
+        (R, T, sum r) for tokens, broadcastable ones for layers without position."""
+        gates = [self.groups[i].gates.multiplier(name, shape, device, dtype) for i, _ in taken]
+        key = (tuple(id(g) for g in gates), ranks)
+        if key not in self._scales:
+            axis = 1 if conv else -1
+            expanded = []
+            for gate, rank in zip(gates, ranks, strict=True):
+                sizes = list(gate.shape)
+                sizes[axis] = rank
+                expanded.append(gate.expand(sizes))
+            self._scales[key] = torch.cat(expanded, dim=axis)
+        return self._scales[key]
