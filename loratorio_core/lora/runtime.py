@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .files import LayerUpdate
-from .gates import Gate, RowGates
+from .gates import Gate, RowGates, is_context_layer
 from .keymap import is_linear
 
 # Per batch row, the (adapter index, scale) pairs active on it; a scale may be a ``Gate`` (a
@@ -315,6 +315,10 @@ class _Delta:
         self.module = module
         self.update = update
         self.grouped = isinstance(module, nn.Conv2d) and module.groups > 1
+        self.linear = is_linear(module)
+        # Low rank with a 1 x 1 up (not dense, not Tucker, not a grouped conv): its up matmul can
+        # add into the layer's output, and stack with other adapters' along the rank.
+        self.fusable = not (update.is_dense or self.grouped or update.mid is not None)
         self._cache: dict[tuple[torch.device, torch.dtype], tuple[Tensor, ...]] = {}
 
     def _weights(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
@@ -340,17 +344,20 @@ class _Delta:
             self._cache[key] = tuple(None if w is None else w.to(device=device, dtype=dtype) for w in weights)
         return self._cache[key]
 
-    @property
-    def fusable(self) -> bool:
-        """Low rank with a 1 x 1 up (not dense, not Tucker, not a grouped conv): its up matmul can
-        add into the layer's output, and stack with other adapters' along the rank."""
-        return not (self.update.is_dense or self.grouped or self.update.mid is not None)
+    def low_rank(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(down, up_t) of a fusable delta: down (r, in[, kh, kw]), up_t (r, out) with alpha / rank
+        folded in (a transposed view, as addmm takes it)."""
+        key = ("low rank", device, dtype)
+        if key not in self._cache:
+            down, up, _ = self._weights(device, dtype)
+            self._cache[key] = (down, up.flatten(1).t())
+        return self._cache[key]
 
     def add_into(self, x: Tensor, out: Tensor, alpha: float = 1.0) -> None:
         """out += alpha * delta(x), in place; out: the layer's output on x's rows."""
         if self.fusable:
-            down, up, _ = self._weights(x.device, x.dtype)
-            add_low_rank(self, x, down, up, out, alpha)
+            down, up_t = self.low_rank(x.device, x.dtype)
+            add_low_rank(self, x, down, up_t, out, alpha)
         else:
             out.add_(self(x).to(out.dtype), alpha=alpha)
 
@@ -382,30 +389,36 @@ class _Delta:
 
 
 def add_low_rank(
-    delta: _Delta, x: Tensor, down: Tensor, up: Tensor, out: Tensor, alpha: float = 1.0, hidden_scale=None
+    delta: _Delta, x: Tensor, down: Tensor, up_t: Tensor, out: Tensor, alpha: float = 1.0, hidden_scale=None
 ) -> None:
     """out += alpha * up(hidden_scale * down(x)), in place, for a low-rank change with a 1 x 1 up.
 
-    down: (r, in) or a conv's (r, in, kh, kw) with the layer's stride and padding; up: (out, r[, 1,
-    1]); hidden_scale: what multiplies the rank-space hidden (broadcast to it), or None. The up
-    matmul accumulates straight into ``out`` (one kernel, no temporary of the output's size) when
-    the dtypes agree and ``out`` is contiguous; otherwise the change is computed and added.
+    down: (r, in) or a conv's (r, in, kh, kw) with the layer's stride and padding; up_t: (r, out);
+    hidden_scale: what multiplies the rank-space hidden (broadcast to it), or None. The up matmul
+    accumulates straight into ``out`` (one kernel, no temporary of the output's size) when the
+    dtypes agree and ``out`` is contiguous; otherwise (autocast) the change is computed and cast.
     """
-    linear = is_linear(delta.module)
-    hidden = F.linear(x, down) if linear else delta._conv(x, down, None)
+    hidden = F.linear(x, down) if delta.linear else delta._conv(x, down, None)
     if hidden_scale is not None:
         hidden = hidden * hidden_scale
-    up2d = up.flatten(1)
-    if out.dtype != hidden.dtype or up.dtype != out.dtype or not out.is_contiguous():
-        change = F.linear(hidden, up2d) if linear else F.conv2d(hidden, up2d[:, :, None, None])
-        out.add_(change.to(out.dtype), alpha=alpha)
-    elif linear:
-        out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up2d.t(), alpha=alpha)
-    else:
+    same_dtype = out.dtype == hidden.dtype == up_t.dtype
+    if same_dtype and delta.linear and out.is_contiguous():
+        out.view(-1, out.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), up_t, alpha=alpha)
+    elif same_dtype and not delta.linear and out.is_contiguous():
+        # out[n] (C, h w) += up (C, r) @ hidden[n] (r, h w)
         rows = out.shape[0]
         out.view(rows, out.shape[1], -1).baddbmm_(
-            up2d.expand(rows, -1, -1), hidden.reshape(rows, hidden.shape[1], -1), alpha=alpha
+            up_t.t().expand(rows, -1, -1), hidden.reshape(rows, hidden.shape[1], -1), alpha=alpha
         )
+    elif same_dtype and not delta.linear and out.is_contiguous(memory_format=torch.channels_last):
+        # channels last (what a transformer's tokens reshaped to a grid give): (n h w, C) rows
+        pixels = out.permute(0, 2, 3, 1)
+        pixels.view(-1, pixels.shape[-1]).addmm_(
+            hidden.permute(0, 2, 3, 1).reshape(-1, hidden.shape[1]), up_t, alpha=alpha
+        )
+    else:  # autocast's mixed dtypes, or an output laid out otherwise: compute the change, cast, add
+        change = hidden @ up_t if delta.linear else (hidden.movedim(1, -1) @ up_t).movedim(-1, 1)
+        out.add_(change.to(out.dtype), alpha=alpha)
 
 
 class _FusedGates:
@@ -418,14 +431,17 @@ class _FusedGates:
     of the output's size each.
     """
 
-    def __init__(self, groups: dict[int, _Group], stacked: dict):
+    def __init__(self, groups: dict[int, _Group], cache: dict):
         self.groups = groups
-        self._stacked = stacked
-        self._split: dict[str, tuple[list, list]] = {}
-        self._scales: dict[tuple, Tensor] = {}
+        self.indices = tuple(sorted(groups))
+        self._cache = cache  # the runtime's: layer splits and stacked factors outlive the block
+        self._scales: dict[tuple, Tensor] = {}  # this block's gates, per layer kind and resolution
+        group = groups[self.indices[0]]
+        self._rows = group.runs[0][0] if group.runs is not None else None
+        self._group = group
 
     @classmethod
-    def of(cls, groups: dict[int, _Group], stacked: dict) -> _FusedGates | None:
+    def of(cls, groups: dict[int, _Group], cache: dict) -> _FusedGates | None:
         """The largest set of gated groups with identical rows, or None when there are none."""
         by_rows: dict[tuple[int, ...], dict[int, _Group]] = {}
         for index, group in groups.items():
@@ -433,62 +449,68 @@ class _FusedGates:
                 by_rows.setdefault(tuple(group.indices), {})[index] = group
         if not by_rows:
             return None
-        return cls(max(by_rows.values(), key=len), stacked)
+        return cls(max(by_rows.values(), key=len), cache)
 
     def apply(self, name: str, deltas: list[tuple[int, _Delta]], x: Tensor, output: Tensor) -> list:
         """Adds the fused adapters' gated changes to ``output``; returns the (index, delta) pairs of
         this layer left for their own groups."""
-        taken, rest = self._take(name, deltas)
+        taken, rest, context = self._split(name, deltas)
         if not taken:
             return rest
-        group = next(iter(self.groups.values()))
-        if group.runs is not None:
-            rows = group.runs[0][0]
-            xs, out, index = x[rows], output[rows], None
+        rows = self._rows
+        if rows is not None:
+            xs, out = x[rows], output[rows]
+            shape = out.shape
         else:
-            index, _ = group._index(x.device, output.dtype)
+            index, _ = self._group._index(x.device, output.dtype)
             xs, out = x.index_select(0, index), None
-        down, up, ranks = self._factors(name, taken, x.device, x.dtype)
-        delta = taken[0][1]
-        shape = out.shape if out is not None else torch.Size((len(index), *output.shape[1:]))
-        scale = self._hidden_scale(
-            name, taken, ranks, shape, x.device, x.dtype, conv=not is_linear(delta.module)
-        )
+            shape = torch.Size((len(index), *output.shape[1:]))
+        down, up_t, stacking = self._factors(name, taken, x.device, x.dtype)
+        scale = self._hidden_scale(name, stacking, shape, context, x.device, x.dtype)
         if out is not None:
-            add_low_rank(delta, xs, down, up, out, hidden_scale=scale)
+            add_low_rank(taken[0][1], xs, down, up_t, out, hidden_scale=scale)
             return rest
         change = torch.zeros(shape, device=output.device, dtype=output.dtype)
-        add_low_rank(delta, xs, down, up, change, hidden_scale=scale)
+        add_low_rank(taken[0][1], xs, down, up_t, change, hidden_scale=scale)
         output.index_add_(0, index, change)
         return rest
 
-    def _take(self, name: str, deltas: list[tuple[int, _Delta]]) -> tuple[list, list]:
-        """This layer's fusable deltas of the fused adapters (sharing one down shape), and the rest."""
-        if name not in self._split:
+    def _split(self, name: str, deltas: list[tuple[int, _Delta]]) -> tuple[list, list, bool]:
+        """This layer's fusable deltas of the fused adapters (sharing one down shape), the rest,
+        and whether the layer's input has no position."""
+        key = ("split", name, self.indices)
+        if key not in self._cache:
             fusable = [(i, d) for i, d in deltas if i in self.groups and d.fusable]
             shape = fusable[0][1].update.down.shape[1:] if fusable else None
             taken = [(i, d) for i, d in fusable if d.update.down.shape[1:] == shape]
-            self._split[name] = (taken, [(i, d) for i, d in deltas if (i, d) not in taken])
-        return self._split[name]
+            rest = [(i, d) for i, d in deltas if all(d is not t for _, t in taken)]
+            self._cache[key] = (taken, rest, is_context_layer(name))
+        return self._cache[key]
 
     def _factors(self, name: str, taken: list, device, dtype) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-        key = (name, tuple(i for i, _ in taken), device, dtype)
-        if key not in self._stacked:
-            factors = [d._weights(device, dtype) for _, d in taken]
+        key = ("factors", name, self.indices, device, dtype)
+        if key not in self._cache:
+            factors = [d.low_rank(device, dtype) for _, d in taken]
             down = torch.cat([f[0] for f in factors])
-            up = torch.cat([f[1].flatten(1) for f in factors], dim=1)
-            self._stacked[key] = (down, up, tuple(f[0].shape[0] for f in factors))
-        return self._stacked[key]
+            up_t = torch.cat([f[1] for f in factors])
+            # the adapters and their ranks: what a gate expanded over the rank depends on
+            stacking = (tuple(i for i, _ in taken), tuple(f[0].shape[0] for f in factors))
+            self._cache[key] = (down, up_t, stacking)
+        return self._cache[key]
 
-    def _hidden_scale(self, name, taken, ranks, shape, device, dtype, conv: bool) -> Tensor:
+    def _hidden_scale(self, name, stacking, shape, context: bool, device, dtype) -> Tensor:
         """Each LoRA's gate at this layer, repeated over its rank: (R, sum r, h, w) for a conv,
-        (R, T, sum r) for tokens, broadcastable ones for layers without position."""
-        gates = [self.groups[i].gates.multiplier(name, shape, device, dtype) for i, _ in taken]
-        key = (tuple(id(g) for g in gates), ranks)
+        (R, T, sum r) for tokens, broadcastable ones for layers without position. Computed once
+        per block for each kind of layer and resolution."""
+        if context or len(shape) < 3:
+            key = (stacking, "context", len(shape))
+        else:
+            key = (stacking, "conv", *shape[2:]) if len(shape) == 4 else (stacking, "tokens", shape[1])
         if key not in self._scales:
-            axis = 1 if conv else -1
+            axis = 1 if len(shape) == 4 else -1
             expanded = []
-            for gate, rank in zip(gates, ranks, strict=True):
+            for i, rank in zip(*stacking, strict=True):
+                gate = self.groups[i].gates.multiplier(name, shape, device, dtype)
                 sizes = list(gate.shape)
                 sizes[axis] = rank
                 expanded.append(gate.expand(sizes))
