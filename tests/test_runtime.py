@@ -100,15 +100,15 @@ def test_active_rows_equal_a_forward_of_the_model_with_the_update_merged(layer, 
     torch.testing.assert_close(out, torch.stack(expected), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["channels-last", "autocast"])
-def test_convs_with_channels_last_outputs_or_under_autocast_get_the_same_change(layout):
+@pytest.mark.parametrize("memory", ["channels-last", "autocast"])
+def test_convs_with_channels_last_outputs_or_under_autocast_get_the_same_change(memory):
     # The up matmul adds straight into the output when it can (NCHW or channels last, one dtype);
     # a transformer's tokens reshaped to a grid come channels last, and autocast mixes dtypes.
     module = nn.Conv2d(6, 8, 3, padding=1)
     first, second = updates_for(module, "lowrank"), updates_for(module, "lowrank")
     x = inputs_for("conv3x3", 4).contiguous(memory_format=torch.channels_last)
     rows = [(), ((0, 1.0),), ((0, 1.0),), ((1, 0.5),)]  # each adapter's rows one slice
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=layout == "autocast")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=memory == "autocast")
     with torch.no_grad():
         with autocast, LoRARuntime(module, [{"": first}, {"": second}]) as runtime, runtime.rows(rows):
             out = runtime.model(x)
@@ -120,7 +120,7 @@ def test_convs_with_channels_last_outputs_or_under_autocast_get_the_same_change(
                 merged_copy(module, [(second, 0.5)])(x[3:4])[0],
             ]
         )
-    if layout == "channels-last":
+    if memory == "channels-last":
         assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     else:

@@ -91,43 +91,47 @@ class RowGates:
             )
         # A 1 x 1 map is one weight over the whole image (the uniform gates before any exact step).
         self.size: tuple[int, int] | None = sizes.pop() if sizes else None
+        self._gates = gates
+        self._cache: dict[tuple, Tensor] = {}
+
+    def _maps(self, device: torch.device) -> Tensor:
+        """(R, H, W): each row's gate times its scale (a float scale: that number everywhere),
+        built where the layers run: constants are filled there, never copied from the host, which
+        would make it wait for a GPU."""
         size = self.size or (1, 1)
-        device = next(g for g in gates if isinstance(g, Gate)).map.device
-        self._maps = torch.stack(
+        return torch.stack(
             [
                 g.map.detach().float().to(device).expand(size) * g.scale
                 if isinstance(g, Gate)
                 else torch.full(size, float(g), device=device)
-                for g in gates
-            ]
-        )  # (R, H, W)
-        # Filled on the maps' device: a tensor from a Python list would make the host wait for a
-        # GPU at each block's first layer without position.
-        self._context = torch.stack(
-            [
-                torch.full((), g.context_scale if isinstance(g, Gate) else float(g), device=device)
-                for g in gates
+                for g in self._gates
             ]
         )
-        self._cache: dict[tuple, Tensor] = {}
+
+    def _context(self, device: torch.device) -> Tensor:
+        """(R,): each row's multiplier of layers without position."""
+        return torch.stack(
+            [
+                torch.full((), g.context_scale if isinstance(g, Gate) else float(g), device=device)
+                for g in self._gates
+            ]
+        )
 
     def multiplier(self, name: str, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> Tensor:
         """What multiplies the adapter's delta of layer ``name``, whose output has ``shape``
         (R, C, h, w) for a conv, (R, T, C) for a transformer layer: (R, 1, h, w), (R, T, 1), or
         (R, 1, ...) for a layer without position."""
-        if is_context_layer(name) or len(shape) < 3:
-            return self._cached(
-                ("context", len(shape)), device, dtype, lambda: self._context_shaped(len(shape))
-            )
+        dims = len(shape)
+        ones = [1] * (dims - 1)
+        if is_context_layer(name) or dims < 3:
+            context = lambda: self._context(device).view(-1, *ones)  # noqa: E731
+            return self._cached(("context", dims), device, dtype, context)
+        maps = self._cached(("maps",), device, torch.float32, lambda: self._maps(device))
         if self.size is None:  # constant over the image
-            return self._cached(
-                ("constant", len(shape)), device, dtype, lambda: self._maps.view(-1, *[1] * (len(shape) - 1))
-            )
-        if len(shape) == 4:
+            return self._cached(("constant", dims), device, dtype, lambda: maps.view(-1, *ones))
+        if dims == 4:
             grid = (shape[2], shape[3])
-            return self._cached(
-                ("conv", grid), device, dtype, lambda: resize_maps(self._maps, grid).unsqueeze(1)
-            )
+            return self._cached(("conv", grid), device, dtype, lambda: resize_maps(maps, grid).unsqueeze(1))
         grid = token_grid(shape[1], self.size)
         if grid is None:
             raise RuntimeError(
@@ -136,14 +140,11 @@ class RowGates:
                 f"use exact steps only (exact_every=1)"
             )
         return self._cached(
-            ("tokens", grid), device, dtype, lambda: resize_maps(self._maps, grid).flatten(1).unsqueeze(2)
+            ("tokens", grid), device, dtype, lambda: resize_maps(maps, grid).flatten(1).unsqueeze(2)
         )
-
-    def _context_shaped(self, dims: int) -> Tensor:
-        return self._context.view(-1, *[1] * (dims - 1))
 
     def _cached(self, key: tuple, device: torch.device, dtype: torch.dtype, make) -> Tensor:
         full_key = (key, device, dtype)
         if full_key not in self._cache:
-            self._cache[full_key] = make().to(device=device, dtype=dtype)
+            self._cache[full_key] = make().to(dtype=dtype)
         return self._cache[full_key]

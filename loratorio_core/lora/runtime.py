@@ -122,10 +122,8 @@ class LoRARuntime:
                 )
             if torch.is_grad_enabled() and output.requires_grad:
                 output = output.clone()  # the in-place adds below then stay visible to autograd
-            if assignment.fused is not None:
-                deltas = assignment.fused.apply(name, layer_deltas, x, output)
-            else:
-                deltas = layer_deltas
+            stacked = assignment.stacked
+            deltas = layer_deltas if stacked is None else stacked.apply(name, layer_deltas, x, output)
             for index, delta in deltas:
                 group = assignment.groups.get(index)
                 if group is not None:
@@ -305,7 +303,11 @@ class _Assignment:
         self.groups: dict[int, _Group] = {
             index: _Group(rows, scales, every_row) for index, (rows, scales) in per_adapter.items()
         }
-        self.fused = _FusedGates.of(self.groups, {} if stacked is None else stacked)
+        # A gated step's rows carry every LoRA: stacked along the rank, a layer takes two matmuls
+        # for all of them. (Exact rows keep one slice per adapter: stacked, each row's matmuls
+        # would cover every adapter's rank.)
+        gated = {index: group for index, group in self.groups.items() if group.gates is not None}
+        self.stacked = _Stacked(gated, {} if stacked is None else stacked) if gated else None
 
 
 class _Delta:
@@ -421,62 +423,47 @@ def add_low_rank(
         out.add_(change.to(out.dtype), alpha=alpha)
 
 
-class _FusedGates:
-    """The gated adapters of a block that share their rows (a gated step's rows carry every LoRA).
+class _Stacked:
+    """Adapters whose low-rank changes run stacked along the rank at each layer, over the rows
+    from the first to the last one any of them is on.
 
-    At each layer their low-rank factors are stacked along the rank (cached once per run), and each
-    LoRA's gate multiplies its own part of the rank-space hidden: sum_i g_i * up_i(down_i(x)) =
-    up_cat(g * down_cat(x)), since a gate is one number per position and row and up is 1 x 1. So a
-    layer takes two matmuls for all the LoRAs instead of two per LoRA plus a multiply and an add
-    of the output's size each.
+    Their factors are concatenated (cached once per run), and each adapter's multiplier on each
+    row (its scale, its gate, or 0 where it is off) multiplies its own part of the rank-space
+    hidden: sum_i m_i * up_i(down_i(x)) = up_cat(m * down_cat(x)), since a multiplier is one
+    number per row and position and up is 1 x 1. So a layer takes two matmuls for all of them
+    instead of two per adapter, plus a multiply and an add of the output's size each.
     """
 
     def __init__(self, groups: dict[int, _Group], cache: dict):
         self.groups = groups
         self.indices = tuple(sorted(groups))
         self._cache = cache  # the runtime's: layer splits and stacked factors outlive the block
-        self._scales: dict[tuple, Tensor] = {}  # this block's gates, per layer kind and resolution
-        group = groups[self.indices[0]]
-        self._rows = group.runs[0][0] if group.runs is not None else None
-        self._group = group
-
-    @classmethod
-    def of(cls, groups: dict[int, _Group], cache: dict) -> _FusedGates | None:
-        """The largest set of gated groups with identical rows, or None when there are none."""
-        by_rows: dict[tuple[int, ...], dict[int, _Group]] = {}
+        self._scales: dict[tuple, Tensor] = {}  # this block's, per layer kind and resolution
+        rows = [row for group in groups.values() for row in group.indices]
+        start, stop = min(rows), max(rows) + 1
+        self.rows = slice(start, stop)
+        self.multipliers: dict[int, RowGates] = {}
         for index, group in groups.items():
-            if group.gates is not None:
-                by_rows.setdefault(tuple(group.indices), {})[index] = group
-        if not by_rows:
-            return None
-        return cls(max(by_rows.values(), key=len), cache)
+            per_row: list = [0.0] * (stop - start)
+            for row, scale in zip(group.indices, group.scales, strict=True):
+                per_row[row - start] = scale
+            self.multipliers[index] = RowGates(per_row)
 
     def apply(self, name: str, deltas: list[tuple[int, _Delta]], x: Tensor, output: Tensor) -> list:
-        """Adds the fused adapters' gated changes to ``output``; returns the (index, delta) pairs of
-        this layer left for their own groups."""
+        """Adds the stacked adapters' changes to ``output``; returns the (index, delta) pairs of this
+        layer left for their own groups."""
         taken, rest, context = self._split(name, deltas)
         if not taken:
             return rest
-        rows = self._rows
-        if rows is not None:
-            xs, out = x[rows], output[rows]
-            shape = out.shape
-        else:
-            index, _ = self._group._index(x.device, output.dtype)
-            xs, out = x.index_select(0, index), None
-            shape = torch.Size((len(index), *output.shape[1:]))
+        out = output[self.rows]
         down, up_t, stacking = self._factors(name, taken, x.device, x.dtype)
-        scale = self._hidden_scale(name, stacking, shape, context, x.device, x.dtype)
-        if out is not None:
-            add_low_rank(taken[0][1], xs, down, up_t, out, hidden_scale=scale)
-            return rest
-        change = torch.zeros(shape, device=output.device, dtype=output.dtype)
-        add_low_rank(taken[0][1], xs, down, up_t, change, hidden_scale=scale)
-        output.index_add_(0, index, change)
+        linear = taken[0][1].linear
+        scale = self._hidden_scale(name, stacking, out.shape, context, linear, x.device, x.dtype)
+        add_low_rank(taken[0][1], x[self.rows], down, up_t, out, hidden_scale=scale)
         return rest
 
     def _split(self, name: str, deltas: list[tuple[int, _Delta]]) -> tuple[list, list, bool]:
-        """This layer's fusable deltas of the fused adapters (sharing one down shape), the rest,
+        """This layer's fusable deltas of the stacked adapters (sharing one down shape), the rest,
         and whether the layer's input has no position."""
         key = ("split", name, self.indices)
         if key not in self._cache:
@@ -498,21 +485,21 @@ class _FusedGates:
             self._cache[key] = (down, up_t, stacking)
         return self._cache[key]
 
-    def _hidden_scale(self, name, stacking, shape, context: bool, device, dtype) -> Tensor:
-        """Each LoRA's gate at this layer, repeated over its rank: (R, sum r, h, w) for a conv,
+    def _hidden_scale(self, name, stacking, shape, context: bool, linear: bool, device, dtype) -> Tensor:
+        """Each adapter's multiplier at this layer, repeated over its rank: (R, sum r, h, w) for a conv,
         (R, T, sum r) for tokens, broadcastable ones for layers without position. Computed once
         per block for each kind of layer and resolution."""
         if context or len(shape) < 3:
-            key = (stacking, "context", len(shape))
+            key = (stacking, linear, "context", len(shape))
         else:
-            key = (stacking, "conv", *shape[2:]) if len(shape) == 4 else (stacking, "tokens", shape[1])
+            key = (stacking, linear, *shape[1 if linear else 2 : -1 if linear else None])
         if key not in self._scales:
-            axis = 1 if len(shape) == 4 else -1
+            axis = -1 if linear else 1
+            gates = [self.multipliers[i].multiplier(name, shape, device, dtype) for i in stacking[0]]
+            common = list(torch.broadcast_shapes(*(g.shape for g in gates)))
             expanded = []
-            for i, rank in zip(*stacking, strict=True):
-                gate = self.groups[i].gates.multiplier(name, shape, device, dtype)
-                sizes = list(gate.shape)
-                sizes[axis] = rank
-                expanded.append(gate.expand(sizes))
+            for gate, rank in zip(gates, stacking[1], strict=True):
+                common[axis] = rank
+                expanded.append(gate.expand(common))
             self._scales[key] = torch.cat(expanded, dim=axis)
         return self._scales[key]
