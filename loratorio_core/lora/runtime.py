@@ -455,11 +455,15 @@ class _Stacked:
         taken, rest, context = self._split(name, deltas)
         if not taken:
             return rest
-        out = output[self.rows]
+        rows = self.rows
+        if rows.start == 0 and rows.stop == x.shape[0]:  # a gated step's rows: the whole batch
+            xs, out = x, output
+        else:
+            xs, out = x[rows], output[rows]
         down, up_t, stacking = self._factors(name, taken, x.device, x.dtype)
         linear = taken[0][1].linear
         scale = self._hidden_scale(name, stacking, out.shape, context, linear, x.device, x.dtype)
-        add_low_rank(taken[0][1], x[self.rows], down, up_t, out, hidden_scale=scale)
+        add_low_rank(taken[0][1], xs, down, up_t, out, hidden_scale=scale)
         return rest
 
     def _split(self, name: str, deltas: list[tuple[int, _Delta]]) -> tuple[list, list, bool]:
