@@ -185,6 +185,30 @@ def test_under_autocast_the_loras_change_is_added_in_the_layers_output_dtype():
     torch.testing.assert_close(ours.float(), hand, atol=0.05, rtol=0.05)
 
 
+def test_layers_of_one_resolution_in_other_dtypes_each_get_gates_in_their_own():
+    # A model may keep some layers in float32 and others in half precision: the gates stacked for
+    # one resolution are made per dtype, not shared between the two.
+    model = nn.Module()
+    model.a, model.b = Holder("attn1.to_q", nn.Linear(6, 7)), Holder("attn1.to_q", nn.Linear(6, 7))
+    model.b.to(torch.bfloat16)
+    names = ("a.attn1.to_q", "b.attn1.to_q")
+    updates = [{n: lowrank(model.a.layer) for n in names} for _ in range(2)]
+    runtime = LoRARuntime(model, updates)
+    maps = torch.rand(2, 8, 6, generator=g)
+    rows = [tuple((i, Gate(1.0, maps[i], 0.5)) for i in range(2))]
+    x = rnd(1, 48, 6, scale=1)
+    with torch.no_grad(), runtime, runtime.rows(rows):
+        outs = model.a(x), model.b(x.to(torch.bfloat16))
+    with torch.no_grad():
+        for out, holder, name, tol in zip(outs, (model.a, model.b), names, (1e-5, 0.05), strict=True):
+            hand = holder(x.to(out.dtype)).float()
+            for i in range(2):
+                change = delta_by_hand(model.a.layer, updates[i][name], x)
+                hand += change * maps[i].flatten()[:, None]
+            assert out.dtype == holder.layer.weight.dtype
+            torch.testing.assert_close(out.float(), hand, atol=tol, rtol=tol)
+
+
 def test_rows_without_gates_in_a_gated_block_take_their_scale_everywhere():
     layer = nn.Conv2d(4, 5, 3, padding=1).eval()
     model = Holder("conv", layer)

@@ -494,9 +494,9 @@ class _Stacked:
         (R, T, sum r) for tokens, broadcastable ones for layers without position. Computed once
         per block for each kind of layer and resolution."""
         if context or len(shape) < 3:
-            key = (stacking, linear, "context", len(shape))
+            key = (stacking, linear, device, dtype, "context", len(shape))
         else:
-            key = (stacking, linear, *shape[1 if linear else 2 : -1 if linear else None])
+            key = (stacking, linear, device, dtype, *shape[1 if linear else 2 : -1 if linear else None])
         if key not in self._scales:
             axis = -1 if linear else 1
             gates = [self.multipliers[i].multiplier(name, shape, device, dtype) for i in stacking[0]]
