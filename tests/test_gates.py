@@ -164,6 +164,40 @@ def test_loras_of_other_ranks_and_forms_in_one_gated_block_each_take_their_own_g
     torch.testing.assert_close(ours, hand, atol=1e-5, rtol=1e-5)
 
 
+def test_a_row_between_gated_rows_without_a_lora_is_untouched_even_where_a_lora_would_overflow():
+    # The gated rows' LoRAs are stacked over their rows; a row between them that carries none is
+    # not given up(0 * down(x)), which is NaN where down(x) overflows (half precision).
+    layer = nn.Linear(2, 2, bias=False).eval()
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(2) * 1e-3)
+    layer.half()
+    model = Holder("attn1.to_q", layer)
+    update = LayerUpdate(down=torch.full((1, 2), 100.0), up=torch.full((2, 1), 1e-4), alpha=1.0)
+    runtime = LoRARuntime(model, [{"attn1.to_q": update}])
+    gate = Gate(1.0, torch.full((2, 2), 0.5), 1.0)
+    x = torch.full((3, 4, 2), 100.0)
+    x[1] = 60000.0  # this row's down(x) is 1.2e7: past float16's range
+    with torch.no_grad(), runtime, runtime.rows([((0, gate),), (), ((0, gate),)]):
+        ours = model(x.half())
+    with torch.no_grad():
+        base = model(x.half())
+    assert torch.equal(ours[1], base[1]) and torch.isfinite(ours).all()
+
+
+def test_an_adapter_named_twice_on_a_row_adds_both():
+    layer = nn.Linear(6, 7).eval()
+    model = Holder("attn1.to_q", layer)
+    update = lowrank(layer)
+    runtime = LoRARuntime(model, [{"attn1.to_q": update}])
+    gate_map = torch.rand(8, 6, generator=g)
+    x = rnd(1, 48, 6, scale=1)
+    with torch.no_grad(), runtime, runtime.rows([((0, Gate(1.0, gate_map, 0.5)), (0, 0.5))]):
+        ours = model(x)
+    with torch.no_grad():
+        hand = layer(x) + delta_by_hand(layer, update, x) * (gate_map.flatten()[:, None] + 0.5)
+    torch.testing.assert_close(ours, hand, atol=1e-5, rtol=1e-5)
+
+
 def test_under_autocast_the_loras_change_is_added_in_the_layers_output_dtype():
     # Under autocast a layer's input, its LoRA's factors and its output can have three dtypes
     # (A1111 on a GPU): the change is then computed and cast, never accumulated across dtypes.

@@ -111,7 +111,7 @@ class LoRARuntime:
     def _hook(self, name: str, layer_deltas: list[tuple[int, _Delta]]) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             assignment = self._assignment
-            if assignment is None or not assignment.groups:
+            if assignment is None or not (assignment.groups or assignment.gated):
                 return None
             x = args[0]
             if assignment.num_rows is not None and x.shape[0] != assignment.num_rows:
@@ -122,10 +122,14 @@ class LoRARuntime:
                 )
             if torch.is_grad_enabled() and output.requires_grad:
                 output = output.clone()  # the in-place adds below then stay visible to autograd
-            stacked = assignment.stacked
-            deltas = layer_deltas if stacked is None else stacked.apply(name, layer_deltas, x, output)
-            for index, delta in deltas:
+            for index, delta in layer_deltas:  # float scales: one slice (or gather) per adapter
                 group = assignment.groups.get(index)
+                if group is not None:
+                    group.apply(delta, x, output, name)
+            stacked = assignment.stacked
+            left = layer_deltas if stacked is None else stacked.apply(name, layer_deltas, x, output)
+            for index, delta in left:  # gated rows the stack did not take
+                group = assignment.gated.get(index)
                 if group is not None:
                     group.apply(delta, x, output, name)
             return output
@@ -285,7 +289,8 @@ class _Assignment:
         stacked: dict | None = None,
     ):
         self.num_rows = None if every_row else len(row_adapters)
-        per_adapter: dict[int, tuple[list[int], list]] = {}
+        plain: dict[int, tuple[list[int], list]] = {}
+        gated: dict[int, tuple[list[int], list]] = {}
         for row, active in enumerate(row_adapters):
             for index, scale in active:
                 if not (isinstance(index, int) and 0 <= index < num_adapters):
@@ -297,17 +302,19 @@ class _Assignment:
                     raise ValueError(f"row {row} gives adapter {index} a scale that is not finite: {scale!r}")
                 else:
                     scale = float(scale)
-                rows, scales = per_adapter.setdefault(index, ([], []))
+                rows, scales = (gated if isinstance(scale, Gate) else plain).setdefault(index, ([], []))
                 rows.append(row)
                 scales.append(scale)
         self.groups: dict[int, _Group] = {
-            index: _Group(rows, scales, every_row) for index, (rows, scales) in per_adapter.items()
+            index: _Group(rows, scales, every_row) for index, (rows, scales) in plain.items()
         }
-        # A gated step's rows carry every LoRA: stacked along the rank, a layer takes two matmuls
-        # for all of them. (Exact rows keep one slice per adapter: stacked, each row's matmuls
-        # would cover every adapter's rank.)
-        gated = {index: group for index, group in self.groups.items() if group.gates is not None}
-        self.stacked = _Stacked(gated, {} if stacked is None else stacked) if gated else None
+        self.gated: dict[int, _Group] = {index: _Group(rows, gates) for index, (rows, gates) in gated.items()}
+        # A gated step's rows carry every LoRA: stacked along the rank over the gated rows, a layer
+        # takes two matmuls for all of them. (Rows with float scales keep one slice per adapter:
+        # stacked, each row's matmuls would cover every adapter's rank. An adapter named twice on
+        # one row keeps its own path, which adds both.)
+        stackable = {i: g for i, g in self.gated.items() if len(set(g.indices)) == len(g.indices)}
+        self.stacked = _Stacked(stackable, {} if stacked is None else stacked) if stackable else None
 
 
 class _Delta:
@@ -437,11 +444,19 @@ class _Stacked:
     def __init__(self, groups: dict[int, _Group], cache: dict):
         self.groups = groups
         self.indices = tuple(sorted(groups))
-        self._cache = cache  # the runtime's: layer splits and stacked factors outlive the block
+        # The runtime's cache: layer splits and stacked factors outlive the block, for one set of
+        # stacked adapters at a time (a pool's top-k changes it; old sets are not kept).
+        if cache.get("stacked adapters") != self.indices:
+            cache.clear()
+            cache["stacked adapters"] = self.indices
+        self._cache = cache
         self._scales: dict[tuple, Tensor] = {}  # this block's, per layer kind and resolution
-        rows = [row for group in groups.values() for row in group.indices]
-        start, stop = min(rows), max(rows) + 1
+        rows = sorted({row for group in groups.values() for row in group.indices})
+        start, stop = rows[0], rows[-1] + 1
         self.rows = slice(start, stop)
+        # Runs of consecutive rows that carry a stacked adapter (offsets into rows): a row between
+        # them that carries none is left untouched, not given up(0 * down(x)).
+        self.runs = [(run.start - start, run.stop - start) for run, _ in _runs(rows, [0.0] * len(rows))]
         self.multipliers: dict[int, RowGates] = {}
         for index, group in groups.items():
             per_row: list = [0.0] * (stop - start)
@@ -463,7 +478,11 @@ class _Stacked:
         down, up_t, stacking = self._factors(name, taken, x.device, x.dtype)
         linear = taken[0][1].linear
         scale = self._hidden_scale(name, stacking, out.shape, context, linear, x.device, x.dtype)
-        add_low_rank(taken[0][1], xs, down, up_t, out, hidden_scale=scale)
+        if len(self.runs) == 1:
+            add_low_rank(taken[0][1], xs, down, up_t, out, hidden_scale=scale)
+            return rest
+        for a, b in self.runs:
+            add_low_rank(taken[0][1], xs[a:b], down, up_t, out[a:b], hidden_scale=scale[a:b])
         return rest
 
     def _split(self, name: str, deltas: list[tuple[int, _Delta]]) -> tuple[list, list, bool]:
