@@ -67,6 +67,14 @@ class Holder(nn.Module):
         return self.layer(x)
 
 
+def one_lora_on_a_linear(path: str) -> tuple[nn.Linear, Holder, LayerUpdate, LoRARuntime]:
+    """A Linear(6, 7) under ``path`` with one random low-rank LoRA, and the runtime holding it."""
+    layer = nn.Linear(6, 7).eval()
+    model = Holder(path, layer)
+    update = lowrank(layer)
+    return layer, model, update, LoRARuntime(model, [{path: update}])
+
+
 # name, layer, input, the factor the layer's grid is below the 8x6 latent (None: no position)
 CASES = {
     "conv3x3-latent": ("in_layers.2", lambda: nn.Conv2d(4, 5, 3, padding=1), (4, 8, 6), 1),
@@ -77,6 +85,29 @@ CASES = {
     "cross-attn-v": ("attn2.to_v", lambda: nn.Linear(6, 7), (77, 6), None),
     "time-embedding": ("emb_layers.1", lambda: nn.Linear(6, 7), (6,), None),
 }
+
+
+def gated_by_hand(layer: nn.Module, updates: list, x: torch.Tensor, rows: list, factor: int | None):
+    """The layer's output with each row's gated LoRAs written out: base plus each LoRA's change
+    times its gate's map averaged over factor x factor blocks (the layer's grid) and its scale, or
+    times its context scale where the layer has no position (factor None)."""
+    with torch.no_grad():
+        hand = layer(x)
+        for i, update in enumerate(updates):
+            change = delta_by_hand(layer, update, x)
+            for r, active in enumerate(rows):
+                gate = dict(active).get(i)
+                if gate is None:
+                    continue
+                if factor is None:
+                    hand[r] += gate.context_scale * change[r]
+                    continue
+                cells = block_mean(gate.map[None], factor)[0] * gate.scale
+                if change.dim() == 4:  # conv: (C, h, w)
+                    hand[r] += change[r] * cells
+                else:  # tokens: (h * w, C), row-major like a transformer's flatten
+                    hand[r] += change[r] * cells.flatten()[:, None]
+    return hand
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -95,19 +126,7 @@ def test_each_gated_layer_equals_base_plus_each_loras_delta_times_its_gate_at_it
     x = rnd(3, *in_shape, scale=1)
     with torch.no_grad(), runtime, runtime.rows(rows):
         ours = model(x)
-    with torch.no_grad():
-        hand = layer(x)
-        for i, update in enumerate(updates):
-            change = delta_by_hand(layer, update, x)
-            for r in range(3):
-                if factor is None:
-                    hand[r] += context[i] * (r + 1) * change[r]
-                    continue
-                gate = block_mean(maps[i, r : r + 1], factor)[0] * scales[i] * (r + 1)
-                if change.dim() == 4:  # conv: (C, h, w)
-                    hand[r] += change[r] * gate
-                else:  # tokens: (h * w, C), row-major like a transformer's flatten
-                    hand[r] += change[r] * gate.flatten()[:, None]
+    hand = gated_by_hand(layer, updates, x, rows, factor)
     torch.testing.assert_close(ours, hand, atol=1e-5, rtol=1e-5)
 
 
@@ -146,21 +165,7 @@ def test_loras_of_other_ranks_and_forms_in_one_gated_block_each_take_their_own_g
     x = rnd(3, *in_shape, scale=1)
     with torch.no_grad(), runtime, runtime.rows(rows):
         ours = model(x)
-    with torch.no_grad():
-        hand = layer(x)
-        for i, update in enumerate(updates):
-            change = delta_by_hand(layer, update, x)
-            for r, active in enumerate(rows):
-                if not active:
-                    continue
-                if factor is None:
-                    hand[r] += context[i] * change[r]
-                elif change.dim() == 4:
-                    hand[r] += change[r] * block_mean(maps[i : i + 1], factor)[0] * scales[i]
-                else:
-                    hand[r] += (
-                        change[r] * (block_mean(maps[i : i + 1], factor)[0] * scales[i]).flatten()[:, None]
-                    )
+    hand = gated_by_hand(layer, updates, x, rows, factor)
     torch.testing.assert_close(ours, hand, atol=1e-5, rtol=1e-5)
 
 
@@ -185,10 +190,7 @@ def test_a_row_between_gated_rows_without_a_lora_is_untouched_even_where_a_lora_
 
 
 def test_an_adapter_named_twice_on_a_row_adds_both():
-    layer = nn.Linear(6, 7).eval()
-    model = Holder("attn1.to_q", layer)
-    update = lowrank(layer)
-    runtime = LoRARuntime(model, [{"attn1.to_q": update}])
+    layer, model, update, runtime = one_lora_on_a_linear("attn1.to_q")
     gate_map = torch.rand(8, 6, generator=g)
     x = rnd(1, 48, 6, scale=1)
     with torch.no_grad(), runtime, runtime.rows([((0, Gate(1.0, gate_map, 0.5)), (0, 0.5))]):
@@ -201,10 +203,7 @@ def test_an_adapter_named_twice_on_a_row_adds_both():
 def test_under_autocast_the_loras_change_is_added_in_the_layers_output_dtype():
     # Under autocast a layer's input, its LoRA's factors and its output can have three dtypes
     # (A1111 on a GPU): the change is then computed and cast, never accumulated across dtypes.
-    layer = nn.Linear(6, 7).eval()
-    model = Holder("attn1.to_q", layer)
-    update = lowrank(layer)
-    runtime = LoRARuntime(model, [{"attn1.to_q": update}])
+    layer, model, update, runtime = one_lora_on_a_linear("attn1.to_q")
     gate_map = torch.rand(8, 6, generator=g)
     x = rnd(2, 48, 6, scale=1)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), runtime:
@@ -262,10 +261,7 @@ def test_rows_without_gates_in_a_gated_block_take_their_scale_everywhere():
 
 
 def test_a_one_by_one_gate_is_one_weight_over_the_whole_image():
-    layer = nn.Linear(6, 7).eval()
-    model = Holder("attn1.to_out.0", layer)
-    update = lowrank(layer)
-    runtime = LoRARuntime(model, [{"attn1.to_out.0": update}])
+    layer, model, update, runtime = one_lora_on_a_linear("attn1.to_out.0")
     x = rnd(2, 48, 6, scale=1)
     uniform = [((0, Gate(0.8, torch.full((1, 1), 0.25), 0.8)),)] * 2
     with torch.no_grad(), runtime:
