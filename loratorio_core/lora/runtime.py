@@ -4,7 +4,8 @@
 adapters are active, the hook adds ``scale * alpha / rank * up(down(x))`` of each of them to the
 layer's output (a dense delta for LoHa/LoKr/full-diff layers and grouped convs); rows without an
 adapter see the untouched base model. Each adapter's matmuls run once per layer, on its rows
-only: a slice when its rows are contiguous (what a plan produces), a gather otherwise. The
+only: a slice when its rows are contiguous (what a plan produces), a gather otherwise; on gated
+rows (a ``Gate`` for a scale) the adapters' low-rank factors run stacked along the rank. The
 model's weights are never modified; ``detach`` (or leaving the ``with`` block, also on an
 exception) removes every hook.
 
@@ -50,8 +51,9 @@ class LoRARuntime:
                 self._layers.setdefault(name, []).append((index, _Delta(modules[name], update)))
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._assignment: _Assignment | None = None
-        # (layer, adapters, device, dtype) -> their low-rank factors stacked along the rank
-        self._stacked: dict[tuple, tuple[Tensor, Tensor]] = {}
+        # What outlives a rows() block for the gated adapters stacked in it (``_Stacked``): each
+        # layer's split of its deltas and their factors stacked along the rank.
+        self._stack_cache: dict[object, object] = {}
         self.attached = False
 
     def attach(self) -> LoRARuntime:
@@ -89,7 +91,7 @@ class LoRARuntime:
         if not self.attached:
             raise RuntimeError("LoRARuntime.rows() needs the hooks attached: use `with runtime:` first")
         previous = self._assignment
-        self._assignment = _Assignment(row_adapters, self.num_adapters, stacked=self._stacked)
+        self._assignment = _Assignment(row_adapters, self.num_adapters, stack_cache=self._stack_cache)
         try:
             yield self
         finally:
@@ -286,7 +288,7 @@ class _Assignment:
         row_adapters: RowAdapters,
         num_adapters: int,
         every_row: bool = False,
-        stacked: dict | None = None,
+        stack_cache: dict | None = None,
     ):
         self.num_rows = None if every_row else len(row_adapters)
         plain: dict[int, tuple[list[int], list]] = {}
@@ -314,7 +316,7 @@ class _Assignment:
         # stacked, each row's matmuls would cover every adapter's rank. An adapter named twice on
         # one row keeps its own path, which adds both.)
         stackable = {i: g for i, g in self.gated.items() if len(set(g.indices)) == len(g.indices)}
-        self.stacked = _Stacked(stackable, {} if stacked is None else stacked) if stackable else None
+        self.stacked = _Stacked(stackable, {} if stack_cache is None else stack_cache) if stackable else None
 
 
 class _Delta:
@@ -431,11 +433,11 @@ def add_low_rank(
 
 
 class _Stacked:
-    """Adapters whose low-rank changes run stacked along the rank at each layer, over the rows
-    from the first to the last one any of them is on.
+    """Gated adapters whose low-rank changes run stacked along the rank at each layer, over the
+    runs of rows that carry any of them.
 
-    Their factors are concatenated (cached once per run), and each adapter's multiplier on each
-    row (its scale, its gate, or 0 where it is off) multiplies its own part of the rank-space
+    Their factors are concatenated (cached while the set of adapters stays), and each adapter's
+    multiplier on each row (its gate, or 0 where it is off) multiplies its own part of the rank-space
     hidden: sum_i m_i * up_i(down_i(x)) = up_cat(m * down_cat(x)), since a multiplier is one
     number per row and position and up is 1 x 1. So a layer takes two matmuls for all of them
     instead of two per adapter, plus a multiply and an add of the output's size each.
@@ -445,7 +447,8 @@ class _Stacked:
         self.groups = groups
         self.indices = tuple(sorted(groups))
         # The runtime's cache: layer splits and stacked factors outlive the block, for one set of
-        # stacked adapters at a time (a pool's top-k changes it; old sets are not kept).
+        # stacked adapters at a time (a pool's top-k changes it; old sets are not kept), so its
+        # keys need not name the set.
         if cache.get("stacked adapters") != self.indices:
             cache.clear()
             cache["stacked adapters"] = self.indices
@@ -488,7 +491,7 @@ class _Stacked:
     def _split(self, name: str, deltas: list[tuple[int, _Delta]]) -> tuple[list, list, bool]:
         """This layer's fusable deltas of the stacked adapters (sharing one down shape), the rest,
         and whether the layer's input has no position."""
-        key = ("split", name, self.indices)
+        key = ("split", name)
         if key not in self._cache:
             fusable = [(i, d) for i, d in deltas if i in self.groups and d.fusable]
             shape = fusable[0][1].update.down.shape[1:] if fusable else None
@@ -498,7 +501,7 @@ class _Stacked:
         return self._cache[key]
 
     def _factors(self, name: str, taken: list, device, dtype) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-        key = ("factors", name, self.indices, device, dtype)
+        key = ("factors", name, device, dtype)
         if key not in self._cache:
             factors = [d.low_rank(device, dtype) for _, d in taken]
             down = torch.cat([f[0] for f in factors])
