@@ -86,7 +86,14 @@ class Method:
 
 # Each weighting rule's temperature, chosen on the dev halves of both benchmarks
 # (benchmarks/sweep.py); softmin is the paper's rule, the reference.
-RULE_TEMPERATURES = {"softmin": 1.0, "spread": 4.0, "median": 10.0, "power": 5.0, "rank": 4.0}
+RULE_TEMPERATURES = {
+    "softmin": 1.0,
+    "spread": 4.0,
+    "median": 10.0,
+    "power": 5.0,
+    "rank": 4.0,
+    "contrast": 3.0,
+}
 
 
 def methods(patch_size: int = 1, gated: bool = False) -> list[Method]:

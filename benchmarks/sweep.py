@@ -33,6 +33,7 @@ TEMPERATURES = {
     "median": (5.0, 10.0),
     "power": (3.0, 5.0),
     "rank": (2.0, 3.0, 4.0),
+    "contrast": (2.0, 3.0),
 }
 
 

@@ -85,7 +85,7 @@ ARGS: tuple[Arg, ...] = (
         _DEFAULTS.weighting,
         infotext.WEIGHTING,
         f"how divergences become patch weights: {', '.join(WEIGHTINGS)} (softmin: the paper's; "
-        "power: the default, its temperature means the same on every model)",
+        "contrast: the default, each LoRA's divergence over its own mean, so where it acts decides)",
         absent="softmin",  # pictures from before the setting were all made with softmin
     ),
 )

@@ -179,12 +179,13 @@ MODE_TIP = (
 )
 PATCH_TIP = "Patch side: a fraction of the latent's shorter side ('1/16') or latent pixels ('4')."
 TEMPERATURE_TIP = (
-    "The weighting rule's temperature (lower: the most divergent LoRA takes more of a patch; power's "
-    "5: weights grow as divergence ** 0.2)."
+    "The weighting rule's temperature (lower: the most divergent LoRA takes more of a patch; "
+    "contrast's 3: weights grow as (divergence / the LoRA's own mean) ** 1/3)."
 )
 WEIGHTING_TIP = (
-    "How a patch's divergences become weights: power (default; its temperature means the same on "
-    "every model), softmin (the paper's rule), spread, median, rank."
+    "How a patch's divergences become weights: contrast (default; each LoRA's divergence over its "
+    "own mean: where it acts decides, not how strongly), softmin (the paper's rule), power, spread, "
+    "median, rank."
 )
 PROMPT_TIP = (
     "With a pool and top_k: the positive prompt's text. The pool's LoRAs whose training tags (their "

@@ -41,7 +41,7 @@ OPTIONS = {
     ),
     "loratorio_default_weighting": (
         LoRAtorioConfig().weighting,
-        "Default weighting rule (power: its temperature means the same on every model; softmin: the paper's)",
+        "Default weighting rule (contrast: where each LoRA acts decides; softmin: the paper's)",
         "dropdown",
         {"choices": list(WEIGHTINGS)},
     ),

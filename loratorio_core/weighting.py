@@ -103,8 +103,14 @@ def patch_weights(similarity: Tensor, rule: str, temperature: float, keep: Tenso
     - ``power``: log d, i.e. weights proportional to d ** (1 / temperature): depends only on the
       ratios of the divergences within a patch, so scaling every divergence changes nothing.
     - ``rank``: the LoRA's rank by d within the patch (0 for the least divergent): only the order.
+    - ``contrast``: log(d / m), m the LoRA's own mean d over the sample's patches, i.e. weights
+      proportional to (d / m) ** (1 / temperature): a patch goes to the LoRA that acts there more
+      than it does elsewhere in the image, whatever its overall strength. A LoRA that moves every
+      pixel (a style, a background) no longer takes the patches where another draws something
+      local (a character, its clothing, an object), and a weak LoRA is not outvoted by a strong one.
 
-    Every rule but ``softmin`` is invariant to scaling all divergences of a sample. keep: bool
+    Every rule but ``softmin`` is invariant to scaling all divergences of a sample; ``contrast`` to
+    scaling each LoRA's divergences by a factor of its own. keep: bool
     (N, B) top-k mask; dropped LoRAs get exactly 0, take no part in the statistics, and the kept
     ones renormalise.
     """
@@ -130,6 +136,11 @@ def _divergence_logits(divergence: Tensor, rule: str, kept: Tensor | None) -> Te
     if rule == "power":
         # A LoRA that equals the base in a patch (d = 0) gets -inf there unless all do.
         return d.clamp_min(tiny).log()
+    if rule == "contrast":
+        # Over the LoRA's own mean over the sample's patches: where it acts more than elsewhere.
+        # A LoRA equal to the base everywhere (m = 0) gets no weight unless every LoRA is.
+        own_mean = d.mean(dim=(2, 3), keepdim=True).clamp_min(tiny)
+        return (d / own_mean).clamp_min(tiny).log()
     if rule == "rank":
         ranked = d if kept is None else d.masked_fill(~kept, -math.inf)
         return torch.argsort(torch.argsort(ranked, dim=0, stable=True), dim=0).to(d.dtype)

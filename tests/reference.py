@@ -58,8 +58,23 @@ def power(sim: torch.Tensor, tau: float, keep: torch.Tensor | None = None) -> to
     return out
 
 
-RULES = {"softmin": softmin, "power": power}
-DEFAULT_RULE = "power"  # LoRAtorioConfig's default (tests check that it is)
+def contrast(sim: torch.Tensor, tau: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``contrast`` rule: the power rule on r_i = d_i / m_i, m_i the mean of LoRA i's
+    d = 1 - s over the sample's patches."""
+    n, b, h, w = sim.shape
+    relative = torch.zeros(n, b, h, w, dtype=torch.float64)
+    for i in range(n):
+        for s in range(b):
+            d = [[max(1.0 - sim[i, s, y, x].item(), 0.0) for x in range(w)] for y in range(h)]
+            mean = sum(map(sum, d)) / (h * w)
+            for y in range(h):
+                for x in range(w):
+                    relative[i, s, y, x] = d[y][x] / mean if mean > 0 else 0.0
+    return power(1.0 - relative, tau, keep)
+
+
+RULES = {"softmin": softmin, "power": power, "contrast": contrast}
+DEFAULT_RULE = "contrast"  # LoRAtorioConfig's default (tests check that it is)
 
 
 def weights(sim: torch.Tensor, tau: float, keep: torch.Tensor | None = None, rule: str = DEFAULT_RULE):

@@ -636,7 +636,7 @@ def test_infotext_fields_paste_the_settings_back(webui):
         "LoRAtorio": True,
         "Mode": "Switch",
         "Patch size (fraction or pixels)": "8",
-        "Weighting": "power",
+        "Weighting": "contrast",
         "Temperature (tau)": 0.2,
         "Re-centering (lam)": 0.75,
         "Pool (folder or named pool)": "",

@@ -556,7 +556,7 @@ def test_an_area_only_positive_with_lam_below_1_fails_with_what_to_do(comfy):
 def test_the_weighting_rule_and_the_gated_pass_are_inputs_of_apply(comfy):
     paper = run(comfy, workflow(**{"4": {"weighting": "softmin"}}))["loratorio"]
     _close(paper, expected(comfy, rule="softmin"))  # the paper's rule, as written out
-    assert not torch.allclose(paper, run(comfy, workflow())["loratorio"])  # the default, power
+    assert not torch.allclose(paper, run(comfy, workflow())["loratorio"])  # the default, contrast
     gated = run(comfy, workflow(**{"4": {"exact_every": 2, "exact_first": 1}}))["loratorio"]
     assert torch.isfinite(gated).all() and not torch.allclose(gated, run(comfy, workflow())["loratorio"])
     with pytest.raises(ValueError, match="weighting='sharp' is not one of"):  # ComfyUI's own check of a list

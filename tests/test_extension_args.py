@@ -145,7 +145,7 @@ def test_the_gated_single_pass_is_two_appended_arguments_recorded_only_when_on()
 
 
 def test_the_weighting_rule_is_the_twelfth_argument_recorded_and_pasted_back():
-    assert NAMES[11] == "weighting" and Settings().weighting == LoRAtorioConfig().weighting == "power"
+    assert NAMES[11] == "weighting" and Settings().weighting == LoRAtorioConfig().weighting == "contrast"
     paper = parse_args([True, "LoRAtorio", "1/16", 0.05, 0.5, "", 0, 1, False, 1, 3, "softmin"])
     assert (paper.config().weighting, paper.config().temperature) == ("softmin", 0.05)
     params = {key: str(value) for key, value in paper.infotext().items()}

@@ -242,6 +242,6 @@ def test_a_cli_picture_pastes_its_settings_into_the_webui_extensions_fields(
         "Pool (folder or named pool)": str(pool),
         "Top-k (0: all)": 2,
         "Reselect every": 3,
-        "Weighting": "power",
+        "Weighting": "contrast",
         "Exact every K steps (1: every step; more: gated single pass between, faster)": 1,
     }

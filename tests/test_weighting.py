@@ -14,6 +14,7 @@ from loratorio_core import (
     guided,
     mean_divergence,
     patch_cosine_similarity,
+    patch_weights,
     recentered_uncond,
     select_top_k,
     softmin_weights,
@@ -63,6 +64,20 @@ def test_softmin_matches_reference(n, b, seed, tau):
     torch.testing.assert_close(
         softmin_weights(sim, tau).double(), ref.softmin(sim, tau), atol=1e-6, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("rule", ["power", "contrast"])
+@given(st.integers(1, 4), st.integers(1, 2), st.integers(0, 2**16), st.sampled_from([0.5, 1.0, 5.0]), st.data())
+def test_scale_free_rules_match_reference_with_and_without_keep(rule, n, b, seed, tau, data):
+    sim = 1 - torch.rand(n, b, 3, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.2
+    keep = torch.tensor(
+        data.draw(st.lists(st.lists(st.booleans(), min_size=b, max_size=b), min_size=n, max_size=n))
+    )
+    assume(bool(keep.any(0).all()))
+    for mask in (None, keep):
+        torch.testing.assert_close(
+            patch_weights(sim, rule, tau, mask), ref.RULES[rule](sim, tau, mask), atol=1e-9, rtol=1e-9
+        )
 
 
 @given(st.integers(2, 5), st.integers(1, 3), st.integers(0, 2**16), st.data())

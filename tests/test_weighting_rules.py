@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from loratorio_core import WEIGHTINGS, LoRAtorioConfig, patch_weights, softmin_weights
 
 SCALE_FREE = [r for r in WEIGHTINGS if r != "softmin"]
+# Rules that compare the LoRAs' divergences within a patch as they are (contrast compares each
+# to the LoRA's own mean over the image first).
+WITHIN_PATCH = [r for r in WEIGHTINGS if r != "contrast"]
 
 
 def similarities(seed: int, n: int = 3, b: int = 2, h: int = 3, w: int = 3, spread: float = 0.01):
@@ -25,8 +28,11 @@ def test_every_rule_gives_weights_that_sum_to_one_and_favour_the_most_divergent(
     weights = patch_weights(sim, rule, tau)
     assert weights.shape == sim.shape and torch.all(weights >= 0)
     torch.testing.assert_close(weights.sum(0), torch.ones(sim.shape[1:]))
-    # Lower similarity (more divergence) never gets less weight within a patch.
-    order = sim.argsort(0)
+    # More divergence (relative to the LoRA's own mean for contrast) never gets less weight.
+    divergence = 1 - sim.double()
+    if rule == "contrast":
+        divergence = divergence / divergence.mean(dim=(2, 3), keepdim=True)
+    order = (-divergence).argsort(0)
     ranked = weights.gather(0, order)
     assert torch.all(ranked[:-1] >= ranked[1:] - 1e-6)
 
@@ -61,6 +67,42 @@ def test_power_rule_weighs_in_proportion_to_the_divergence():
     sim = torch.tensor([0.99, 0.97]).reshape(2, 1, 1, 1)  # divergences 0.01 and 0.03
     torch.testing.assert_close(patch_weights(sim, "power", 1.0).flatten(), torch.tensor([0.25, 0.75]))
     torch.testing.assert_close(patch_weights(sim, "power", 0.5).flatten(), torch.tensor([0.1, 0.9]))
+
+
+def test_contrast_rule_weighs_each_loras_divergence_over_its_own_mean_over_the_image():
+    d = torch.tensor([[0.01, 0.03], [0.04, 0.04]], dtype=torch.float64).reshape(2, 1, 1, 2)
+    # Own means 0.02 and 0.04: relative divergences [0.5, 1.5] and [1, 1].
+    relative = torch.tensor([[0.5, 1.5], [1.0, 1.0]], dtype=torch.float64).reshape(2, 1, 1, 2)
+    torch.testing.assert_close(patch_weights(1 - d, "contrast", 1.0), relative / relative.sum(0))
+    torch.testing.assert_close(
+        patch_weights(1 - d, "contrast", 0.5), relative**2 / (relative**2).sum(0)
+    )
+
+
+@given(seed=st.integers(0, 2**16), factor=st.sampled_from([0.05, 4.0, 50.0]), lora=st.integers(0, 2))
+def test_contrast_rule_ignores_how_strong_each_lora_is_overall(seed, factor, lora):
+    """A LoRA trained harder, or given a larger scale, moves the image more everywhere: under
+    contrast that alone wins it no patch."""
+    sim = similarities(seed, spread=0.004).double()
+    stronger = sim.clone()
+    stronger[lora] = 1 - factor * (1 - sim[lora])
+    torch.testing.assert_close(
+        patch_weights(stronger, "contrast", 1.0), patch_weights(sim, "contrast", 1.0), atol=1e-9, rtol=0
+    )
+
+
+def test_under_contrast_a_lora_that_moves_every_patch_leaves_a_local_concept_its_patch():
+    """A style moves every patch by 0.05; a character moves the centre by 0.03 and the rest by
+    0.001. By raw divergence (power) the style takes the centre too; by contrast the character does."""
+    style = torch.full((3, 3), 0.05, dtype=torch.float64)
+    character = torch.full((3, 3), 0.001, dtype=torch.float64)
+    character[1, 1] = 0.03
+    sim = 1 - torch.stack([style, character])[:, None]
+    centre = (slice(None), 0, 1, 1)
+    assert patch_weights(sim, "power", 1.0)[centre].argmax() == 0
+    assert patch_weights(sim, "contrast", 1.0)[centre].argmax() == 1
+    # Elsewhere the style keeps the image.
+    assert bool((patch_weights(sim, "contrast", 1.0)[0, 0, 0] > 0.5).all())
 
 
 def test_median_rule_measures_divergence_in_units_of_the_samples_median():
