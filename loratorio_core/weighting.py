@@ -137,10 +137,7 @@ def _divergence_logits(divergence: Tensor, rule: str, kept: Tensor | None) -> Te
         # A LoRA that equals the base in a patch (d = 0) gets -inf there unless all do.
         return d.clamp_min(tiny).log()
     if rule == "contrast":
-        # Over the LoRA's own mean over the sample's patches: where it acts more than elsewhere.
-        # A LoRA equal to the base everywhere (m = 0) gets no weight unless every LoRA is.
-        own_mean = d.mean(dim=(2, 3), keepdim=True).clamp_min(tiny)
-        return (d / own_mean).clamp_min(tiny).log()
+        return _contrast_logits(d, kept)
     if rule == "rank":
         ranked = d if kept is None else d.masked_fill(~kept, -math.inf)
         return torch.argsort(torch.argsort(ranked, dim=0, stable=True), dim=0).to(d.dtype)
@@ -154,6 +151,22 @@ def _divergence_logits(divergence: Tensor, rule: str, kept: Tensor | None) -> Te
     std = (((d - mean) ** 2 * mask).sum(0, keepdim=True) / count).sqrt()  # (1, B, h, w)
     typical = std.mean(dim=(0, 2, 3), keepdim=True).clamp_min(tiny)  # (1, B, 1, 1)
     return (d - mean) / typical
+
+
+# Under ``contrast``, a LoRA whose mean divergence is below this fraction of the most active
+# LoRA's acts nowhere: its own mean is floored there, so its noise is not blown up into a map.
+INERT_FRACTION = 1e-3
+
+
+def _contrast_logits(d: Tensor, kept: Tensor | None) -> Tensor:
+    """(N, B, h, w) divergences -> log(d / m): m each LoRA's own mean over the sample's patches,
+    floored at ``INERT_FRACTION`` of the largest kept LoRA's (so a LoRA that hardly moves the
+    image, out of its domain everywhere, stays light instead of being scaled up to the others)."""
+    tiny = torch.finfo(d.dtype).tiny
+    own_mean = d.mean(dim=(2, 3), keepdim=True)  # (N, B, 1, 1)
+    in_play = own_mean if kept is None else own_mean.masked_fill(~kept[:, :, :1, :1], 0.0)
+    floor = INERT_FRACTION * in_play.amax(0, keepdim=True)
+    return (d / torch.maximum(own_mean, floor).clamp_min(tiny)).clamp_min(tiny).log()
 
 
 def upsample_weights(

@@ -60,16 +60,19 @@ def power(sim: torch.Tensor, tau: float, keep: torch.Tensor | None = None) -> to
 
 def contrast(sim: torch.Tensor, tau: float, keep: torch.Tensor | None = None) -> torch.Tensor:
     """The ``contrast`` rule: the power rule on r_i = d_i / m_i, m_i the mean of LoRA i's
-    d = 1 - s over the sample's patches."""
+    d = 1 - s over the sample's patches (at least 1e-3 of the largest kept LoRA's)."""
     n, b, h, w = sim.shape
     relative = torch.zeros(n, b, h, w, dtype=torch.float64)
-    for i in range(n):
-        for s in range(b):
-            d = [[max(1.0 - sim[i, s, y, x].item(), 0.0) for x in range(w)] for y in range(h)]
-            mean = sum(map(sum, d)) / (h * w)
+    for s in range(b):
+        d = [[[max(1.0 - sim[i, s, y, x].item(), 0.0) for x in range(w)] for y in range(h)] for i in range(n)]
+        means = [sum(map(sum, d[i])) / (h * w) for i in range(n)]
+        # A LoRA below 1e-3 of the most active kept one's mean is measured against that floor.
+        floor = 1e-3 * max(means[i] for i in range(n) if keep is None or bool(keep[i, s]))
+        for i in range(n):
+            mean = max(means[i], floor)
             for y in range(h):
                 for x in range(w):
-                    relative[i, s, y, x] = d[y][x] / mean if mean > 0 else 0.0
+                    relative[i, s, y, x] = d[i][y][x] / mean if mean > 0 else 0.0
     return power(1.0 - relative, tau, keep)
 
 

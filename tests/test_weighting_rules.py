@@ -152,3 +152,17 @@ def test_unknown_rule_is_refused_by_name():
         patch_weights(similarities(0), "sharpest", 1.0)
     with pytest.raises(ValueError, match="weighting must be one of"):
         LoRAtorioConfig(weighting="sharpest")
+
+
+def test_under_contrast_a_lora_that_hardly_moves_the_image_stays_light():
+    """Out of its domain everywhere, a LoRA's divergence is tiny noise: contrast must not scale that
+    noise up into a map that takes patches from the LoRAs that act."""
+    gen = torch.Generator().manual_seed(0)
+    active = 0.01 + 0.01 * torch.rand(2, 1, 4, 4, generator=gen, dtype=torch.float64)
+    inert = 1e-9 * torch.rand(1, 1, 4, 4, generator=gen, dtype=torch.float64)
+    weights = patch_weights(1 - torch.cat([active, inert]), "contrast", 1.0)
+    assert float(weights[2].max()) < 0.01
+    # Dropped by top-k, the most active LoRA sets no floor for the others.
+    keep = torch.tensor([[False], [True], [True]])
+    alone = patch_weights(1 - torch.cat([active[1:], inert]), "contrast", 1.0)
+    torch.testing.assert_close(patch_weights(1 - torch.cat([active, inert]), "contrast", 1.0, keep)[1:], alone)
