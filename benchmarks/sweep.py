@@ -3,6 +3,7 @@ synthetic benchmarks (a setting counts only if it holds on models it was not tun
 
     python benchmarks/sweep.py                       # both dev halves, 2 seeds a set
     python benchmarks/sweep.py --limit 48 --seeds 1  # a quicker look
+    python benchmarks/sweep.py --only power:5,contrast:3   # just these rules:temperatures (one stage)
 
 Stage 1: every weighting rule over its temperature grid, at patch 1/16 of the latent side and
 lam = 0.5 (the paper's re-centring; lam = 1 lost to it on both models in first looks). Stage 2:
@@ -44,6 +45,21 @@ def setting(rule: str, tau: float, fraction: float, lam: float) -> tuple[str, fl
 def label(key: tuple[str, float, float, float]) -> str:
     rule, tau, fraction, lam = key
     return f"{rule} tau={tau:g} d=1/{round(1 / fraction)} lam={lam:g}"
+
+
+def parse_only(text: str) -> dict[str, tuple[float, ...]]:
+    """"power:5,contrast:3" -> {"power": (5.0,), "contrast": (3.0,)}; SystemExit naming a bad item."""
+    grid: dict[str, tuple[float, ...]] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        rule, _, tau = item.partition(":")
+        try:
+            LoRAtorioConfig(weighting=rule, temperature=float(tau))
+        except ValueError as error:
+            raise SystemExit(f"sweep: --only {item!r}: {error}; write rule:tau, e.g. contrast:3") from None
+        grid[rule] = (*grid.get(rule, ()), float(tau))
+    if not grid:
+        raise SystemExit("sweep: --only needs at least one rule:temperature, e.g. contrast:3")
+    return grid
 
 
 def run(keys: list[tuple], names: list[str], args: argparse.Namespace) -> dict:
@@ -89,18 +105,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the benchmark's)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--only", default=None, help="rule:tau,... to compare at patch 1/16 and lam 0.5 instead of the grid"
+    )
     args = parser.parse_args(argv)
     names = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     started = time.time()
-    stage1 = [setting(r, t, 1 / 16, 0.5) for r, taus in TEMPERATURES.items() for t in taus]
+    grid = TEMPERATURES if args.only is None else parse_only(args.only)
+    stage1 = [setting(r, t, 1 / 16, 0.5) for r, taus in grid.items() for t in taus]
     scores = run(stage1, names, args)
 
     def mean(key: tuple) -> float:
         return sum(scores[key][n]["avg"] for n in names) / len(names)
 
     best = max(stage1, key=mean)
-    stage2 = [setting(best[0], best[1], 1 / 16, 1.0), setting(best[0], best[1], 1 / 8, 0.5)]
-    scores.update(run(stage2, names, args))
+    stage2 = []
+    if args.only is None:
+        stage2 = [setting(best[0], best[1], 1 / 16, 1.0), setting(best[0], best[1], 1 / 8, 0.5)]
+        scores.update(run(stage2, names, args))
     winner = max(stage1 + stage2, key=mean)
 
     print(f"LoRAtorio sweep on the dev halves ({args.limit or 'all'} sets a benchmark x {args.seeds} seeds)")

@@ -60,3 +60,14 @@ def test_selection_prints_every_candidate_for_both_benchmarks(capsys):
     rows = {line.split(" |")[0].strip() for line in out.splitlines() if " | " in line}
     assert set(selection.CANDIDATES) <= rows
     assert "composlora" in out and "pixelworld" in out and "took" in out
+
+
+def test_sweep_only_takes_rules_and_temperatures_and_names_a_bad_one():
+    import pytest
+
+    sweep = load("sweep")
+    assert sweep.parse_only("power:5, contrast:1.5,contrast:3") == {"power": (5.0,), "contrast": (1.5, 3.0)}
+    with pytest.raises(SystemExit, match="'sharp:3'.*weighting must be one of"):
+        sweep.parse_only("sharp:3")
+    with pytest.raises(SystemExit, match="'contrast:-1'.*temperature must be"):
+        sweep.parse_only("contrast:-1")
