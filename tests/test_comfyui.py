@@ -577,3 +577,16 @@ def test_bad_settings_and_files_fail_with_a_message_naming_them(comfy, tmp_path)
     with pytest.raises(ValueError, match="no LoRAtorio composition"):
         run(comfy, workflow(**{"11": {"model": ["1", 0]}}))
     assert comfy.model.patches == {} and _hooks(comfy) == 0
+
+
+@pytest.mark.parametrize("name", ["loratorio_txt2img", "loratorio_pool"])
+def test_the_example_workflows_apply_the_shipped_defaults(name):
+    from loratorio_core import LoRAtorioConfig
+    from loratorio_core.config import format_patch
+
+    defaults = LoRAtorioConfig()
+    prompt = json.loads((WORKFLOWS / f"{name}.json").read_text())
+    (apply,) = [node["inputs"] for node in prompt.values() if node["class_type"] == "ApplyLoRAtorio"]
+    assert apply["temperature"] == defaults.temperature and apply["lam"] == defaults.recenter
+    assert apply["patch_size"] == format_patch(defaults)
+    assert apply.get("weighting", defaults.weighting) == defaults.weighting
