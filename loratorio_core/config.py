@@ -60,7 +60,7 @@ class LoRAtorioConfig:
       against the best earlier rule (power tau 5), with co-located clothing kept far more often;
       it compares where each LoRA acts, not how strongly, so neither the model's closeness to the
       base (softmin tau 1 drifts to uniform there) nor one LoRA's overall strength decides.
-    - lam 0.5: lam 1 (N + 2 rows instead of 2N + 2) lost 20 points of all-present.
+    - lam 0.5: lam 1 (N + 2 rows instead of 2N + 2) lost 12 points of all-present (19 on one model).
     - patch 1/16 of the side: 1/8 tied, and the finer patch follows small concepts.
     """
 

@@ -108,6 +108,7 @@ def patch_weights(similarity: Tensor, rule: str, temperature: float, keep: Tenso
       than it does elsewhere in the image, whatever its overall strength. A LoRA that moves every
       pixel (a style, a background) no longer takes the patches where another draws something
       local (a character, its clothing, an object), and a weak LoRA is not outvoted by a strong one.
+      With a single patch (d as large as the latent) every ratio is 1: uniform weights.
 
     Every rule but ``softmin`` is invariant to scaling all divergences of a sample; ``contrast`` to
     scaling each LoRA's divergences by a factor of its own. keep: bool

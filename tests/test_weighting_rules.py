@@ -166,3 +166,8 @@ def test_under_contrast_a_lora_that_hardly_moves_the_image_stays_light():
     keep = torch.tensor([[False], [True], [True]])
     alone = patch_weights(1 - torch.cat([active[1:], inert]), "contrast", 1.0)
     torch.testing.assert_close(patch_weights(1 - torch.cat([active, inert]), "contrast", 1.0, keep)[1:], alone)
+
+
+def test_under_contrast_a_single_patch_gives_uniform_weights():
+    sim = torch.tensor([0.9, 0.99, 0.999]).reshape(3, 1, 1, 1)  # one patch: nowhere to act "more"
+    torch.testing.assert_close(patch_weights(sim, "contrast", 1.0), torch.full_like(sim, 1 / 3))
