@@ -4,6 +4,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -63,8 +65,6 @@ def test_selection_prints_every_candidate_for_both_benchmarks(capsys):
 
 
 def test_sweep_only_takes_rules_and_temperatures_and_names_a_bad_one():
-    import pytest
-
     sweep = load("sweep")
     assert sweep.parse_only("power:5, contrast:1.5,contrast:3") == {"power": (5.0,), "contrast": (1.5, 3.0)}
     with pytest.raises(SystemExit, match="'sharp:3'.*weighting must be one of"):
