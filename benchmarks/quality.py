@@ -113,6 +113,8 @@ def methods(patch_size: int = 1, gated: bool = False) -> list[Method]:
         Method("composite", LoRAtorioConfig(mode="composite")),
         Method(DEFAULTS_LABEL, default),
         Method("LoRAtorio lam=1", default.replace(recenter=1.0)),
+        # lam 0.5 at lam 1's rows: the uncond reuses the cond branch's LoRA change.
+        Method("LoRAtorio uncond=reuse", default.replace(uncond_loras="reuse")),
         # What the patch weighting adds: the same re-centred guidance with uniform weights
         # (tau -> infinity) and with all weight on the most divergent LoRA (tau -> 0).
         Method("ablation: uniform", default.replace(weighting="softmin", temperature=1e9)),

@@ -7,7 +7,15 @@ sampler) call in; nothing here imports them.
 
 from .config import MODES, UPSAMPLE_MODES, WEIGHTINGS, LoRAtorioConfig
 from .gating import GateState
-from .guidance import denoised_from_eps, eps_from_denoised, eps_from_v, guided, recentered_uncond, v_from_eps
+from .guidance import (
+    denoised_from_eps,
+    eps_from_denoised,
+    eps_from_v,
+    guided,
+    recentered_uncond,
+    reused_uncond,
+    v_from_eps,
+)
 from .step import Adapter, CondResult, Row, StepComposer, StepPlan, StepResult
 from .weighting import (
     compose,
@@ -44,6 +52,7 @@ __all__ = [
     "patch_grid",
     "patch_weights",
     "recentered_uncond",
+    "reused_uncond",
     "select_top_k",
     "softmin_weights",
     "upsample_weights",

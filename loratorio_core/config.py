@@ -12,6 +12,7 @@ UPSAMPLE_MODES = ("nearest", "bilinear")
 WEIGHTINGS = ("softmin", "spread", "median", "power", "rank", "contrast")
 GATE_CONTEXTS = ("full", "mean")
 GATE_MAPS = ("weights", "winner", "zero")
+UNCOND_LORAS = ("evaluate", "reuse")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,12 @@ class LoRAtorioConfig:
     temperature: tau of the weighting's softmax (lower: winner-take-more weights).
     recenter: lam of the re-centered unconditional branch; 1 uses the base model's unconditional
         prediction alone, so no LoRA needs an unconditional pass (N + 2 rows instead of 2N + 2).
+    uncond_loras: with lam < 1, where the LoRAs' share of the re-centred uncond comes from:
+        ``evaluate`` (the paper's: every LoRA runs on the negative prompt, N rows a step) or
+        ``reuse`` (the cond branch's composed LoRA change, cond - base cond, added to the base's
+        uncond: lam * base_u + (1 - lam) * (base_u + change); no LoRA runs the negative prompt, so
+        a step is N + 2 rows, as at lam 1). It assumes a LoRA changes the prediction for the
+        negative prompt as it does for the positive one.
     top_k: keep only the k LoRAs that diverge most from the base (dynamic selection); None keeps all.
     reselect_every: with top_k, how many steps a selection stays in force (1 = every step, as in
         the paper); between selections only the kept LoRAs are evaluated.
@@ -79,6 +86,7 @@ class LoRAtorioConfig:
     exact_first: int = 3
     gate_context: str = "full"
     gate_maps: str = "weights"
+    uncond_loras: str = "evaluate"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -111,6 +119,10 @@ class LoRAtorioConfig:
         _require_int("exact_first", self.exact_first, minimum=1)
         if self.gate_maps not in GATE_MAPS:
             raise ValueError(f"gate_maps must be one of {', '.join(GATE_MAPS)}; got {self.gate_maps!r}")
+        if self.uncond_loras not in UNCOND_LORAS:
+            raise ValueError(
+                f"uncond_loras must be one of {', '.join(UNCOND_LORAS)}; got {self.uncond_loras!r}"
+            )
         if self.gate_context not in GATE_CONTEXTS:
             raise ValueError(
                 f"gate_context must be one of {', '.join(GATE_CONTEXTS)}; got {self.gate_context!r}"

@@ -7,7 +7,15 @@ import json
 import sys
 from pathlib import Path
 
-from .config import MODES, UPSAMPLE_MODES, WEIGHTINGS, LoRAtorioConfig, format_patch, parse_patch
+from .config import (
+    MODES,
+    UNCOND_LORAS,
+    UPSAMPLE_MODES,
+    WEIGHTINGS,
+    LoRAtorioConfig,
+    format_patch,
+    parse_patch,
+)
 from .infotext import KEPT, format_params, generation_params, kept_value
 from .lora.files import PICKLE_SUFFIXES
 from .lora.specs import split_scale
@@ -58,6 +66,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--recenter", type=float, default=defaults.recenter, help="lam of the re-centred uncond"
+    )
+    parser.add_argument(
+        "--uncond-loras",
+        choices=UNCOND_LORAS,
+        default=defaults.uncond_loras,
+        help="with lam < 1, the LoRAs' part of the re-centred uncond: evaluate (every LoRA runs the "
+        "negative prompt, 2N + 2 rows a step) or reuse (the positive branch's LoRA change; N + 2 rows)",
     )
     parser.add_argument("--upsample", choices=UPSAMPLE_MODES, default=defaults.upsample)
     parser.add_argument("--switch-every", type=int, default=defaults.switch_every)
@@ -129,6 +144,7 @@ def build_config(args) -> LoRAtorioConfig:
             weighting=args.weighting,
             temperature=args.temperature,
             recenter=args.recenter,
+            uncond_loras=args.uncond_loras,
             top_k=args.top_k,
             reselect_every=args.reselect_every,
             upsample=args.upsample,

@@ -49,6 +49,29 @@ def recentered_uncond(
     return out.to(eps_base_uncond.dtype)
 
 
+def reused_uncond(eps_base_uncond: Tensor, lora_change: Tensor, lam: float) -> Tensor:
+    """The re-centred unconditional branch with the LoRAs' change taken from the cond branch.
+
+    lam * eps_base_uncond + (1 - lam) * (eps_base_uncond + lora_change) = eps_base_uncond +
+    (1 - lam) * lora_change, where lora_change = composed cond - base cond: what the composed LoRAs
+    change in the prediction for the positive prompt, assumed the same for the negative one (so no
+    LoRA runs on it). eps_base_uncond, lora_change (B, C, H, W) -> (B, C, H, W), in
+    eps_base_uncond's dtype (computed in float32 at least).
+    """
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0.0 <= lam <= 1.0):
+        raise ValueError(f"lam must be in [0, 1]; got {lam!r}")
+    if lora_change.shape != eps_base_uncond.shape:
+        raise ValueError(
+            f"lora_change must be (B, C, H, W) = {tuple(eps_base_uncond.shape)}; "
+            f"got shape {tuple(lora_change.shape)}"
+        )
+    if lam == 1.0:
+        return eps_base_uncond
+    dtype = torch.promote_types(eps_base_uncond.dtype, torch.float32)
+    out = eps_base_uncond.to(dtype) + (1.0 - lam) * lora_change.to(dtype)
+    return out.to(eps_base_uncond.dtype)
+
+
 def guided(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
     """Classifier-free guidance: uncond + scale * (cond - uncond). (B, C, H, W) each."""
     if cond.shape != uncond.shape:

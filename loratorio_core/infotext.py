@@ -29,6 +29,7 @@ RESELECT_EVERY = "LoRAtorio reselect every"
 KEPT = "LoRAtorio kept"  # per image: the LoRAs top-k kept
 EXACT_EVERY = "LoRAtorio exact every"  # the gated single pass; written only when it is on
 EXACT_FIRST = "LoRAtorio exact first"
+UNCOND_LORAS = "LoRAtorio uncond LoRAs"  # written only when the uncond reuses the cond's change
 
 
 def generation_params(config: LoRAtorioConfig, pool: str = "") -> dict[str, object]:
@@ -49,6 +50,8 @@ def generation_params(config: LoRAtorioConfig, pool: str = "") -> dict[str, obje
     if config.gated:
         params[EXACT_EVERY] = config.exact_every
         params[EXACT_FIRST] = config.exact_first
+    if config.mode == "loratorio" and config.recenter < 1.0 and config.uncond_loras != "evaluate":
+        params[UNCOND_LORAS] = config.uncond_loras
     return params
 
 

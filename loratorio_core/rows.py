@@ -100,8 +100,9 @@ class RowComposer:
     def reset(self) -> None:
         """Forget everything: a new sampling pass (hires, next batch) starts here."""
         self._step: int | None = None
-        # image -> (sum of its cond rows' weights, how many rows, union of their kept sets), this step
-        self._cond_of_sample: dict[int, tuple[Tensor | None, int, Tensor | None]] = {}
+        # image -> (sum of its cond rows' weights, how many rows, union of their kept sets, sum of
+        # their LoRA changes when the uncond reuses them), this step
+        self._cond_of_sample: dict[int, tuple[Tensor | None, int, Tensor | None, Tensor | None]] = {}
         self._kept_of_row: dict[tuple[int, int], Tensor] = {}
         self.weights: dict[int, dict[int, Tensor]] = {}  # step -> image -> (N, h, w), when recorded
         self.kept: dict[int, list[str]] = {}  # image -> names of the LoRAs its last step kept
@@ -209,8 +210,9 @@ class RowComposer:
         if plan_u is not None:
             uncond_eps = eps[split:]
             weights_up = self._uncond_weights(plan_u, [labels[r].sample for r in uncond_rows])
+            change = self._uncond_change(plan_u, [labels[r].sample for r in uncond_rows])
             uncond = self.composer.combine_uncond(
-                plan_u, uncond_eps, CondResult(None, None, None, None, weights_up)
+                plan_u, uncond_eps, CondResult(None, None, None, None, weights_up, change=change)
             )
             composed[uncond_rows] = uncond.to(composed.dtype)
             residual = self.composer.residual_uncond(plan_u, uncond_eps, uncond)
@@ -301,13 +303,15 @@ class RowComposer:
             # every call of the step that brought some of them (a host may split them over calls).
             weights = full[:, ks].sum(1) if full is not None else None
             kept = cond.kept[:, ks].any(1).cpu() if cond.kept is not None else None
+            change = cond.change[ks].sum(0) if cond.change is not None else None
             count = len(ks)
             if sample in self._cond_of_sample:
-                total, count_before, kept_before = self._cond_of_sample[sample]
+                total, count_before, kept_before, change_before = self._cond_of_sample[sample]
                 weights = total + weights if weights is not None else None
                 kept = kept | kept_before if kept is not None else None
+                change = change + change_before if change is not None else None
                 count += count_before
-            self._cond_of_sample[sample] = (weights, count, kept)
+            self._cond_of_sample[sample] = (weights, count, kept, change)
             if kept is not None:
                 self.kept[sample] = [names[i] for i in range(n) if bool(kept[i])]
             if self.record_weights and cond.weights is not None:
@@ -320,6 +324,16 @@ class RowComposer:
         # missing_cond was checked on entry: every image's cond weights are known this step
         stored = [self._cond_of_sample[s][0] / self._cond_of_sample[s][1] for s in samples]
         return torch.stack(stored, dim=1)[list(plan_u.evaluated)]
+
+    def _uncond_change(self, plan_u, samples: list[int]) -> Tensor | None:
+        """(rows, C, H, W) each uncond row's image's LoRA change, the mean over its cond rows (AND
+        sub-prompts), when the re-centred uncond reuses it; else None."""
+        config = self.composer.config
+        if config.mode != "loratorio" or config.recenter == 1.0 or config.uncond_loras != "reuse":
+            return None
+        if plan_u.gated:
+            return None  # a gated step: its uncond row is gated, with the residual of an exact step
+        return torch.stack([self._cond_of_sample[s][3] / self._cond_of_sample[s][1] for s in samples])
 
 
 def _cond_keys(labels: Sequence[RowLabel], cond_rows: list[int]) -> list[tuple[int, int]]:

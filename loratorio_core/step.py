@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .config import LoRAtorioConfig
 from .gating import GateState
-from .guidance import guided, recentered_uncond
+from .guidance import guided, recentered_uncond, reused_uncond
 from .lora.gates import Gate
 from .weighting import (
     compose,
@@ -185,7 +185,9 @@ class CondResult:
 
     cond: (B, C, H, W) the composed cond prediction. weights, kept, divergence: as in
     ``StepResult``. weights_up: (U, B, 1, H, W) the pixel weights of ``plan.evaluated``
-    (LoRAtorio mode; None otherwise). gates: as in ``StepResult``.
+    (LoRAtorio mode; None otherwise). gates: as in ``StepResult``. change: (B, C, H, W) the
+    composed LoRAs' change of the prediction, cond - base cond, in float32 or wider, when the
+    uncond branch reuses it (``uncond_loras="reuse"``, lam < 1); else None.
     """
 
     cond: Tensor
@@ -194,6 +196,7 @@ class CondResult:
     divergence: Tensor | None
     weights_up: Tensor | None = None
     gates: GateState | None = None
+    change: Tensor | None = None
 
 
 class StepComposer:
@@ -240,7 +243,8 @@ class StepComposer:
         if state is not None and state.ready and not cfg_.is_exact_step(step):
             return _gated_plan(cfg_, step, specs, batch_size, cfg, state, kept)
         everyone = tuple(range(batch_size))
-        uncond_loras = cfg and cfg_.recenter < 1.0
+        recentred = cfg and cfg_.recenter < 1.0
+        uncond_loras = recentred and cfg_.uncond_loras == "evaluate"
         selecting = False
         kept_now = None
         samples_of = {i: everyone for i in range(n)}
@@ -278,7 +282,7 @@ class StepComposer:
             if cfg_.gated and not cfg_.is_exact_step(step + 1):
                 # The next step is gated: measure its residual with the gates it will use.
                 cond_keys.append(GATED)
-                uncond_keys += [GATED] if uncond_loras else []
+                uncond_keys += [GATED] if recentred else []
 
         rows: list[Row] = []
         row_of: dict[tuple[str, object], int] = {}
@@ -391,6 +395,13 @@ class StepComposer:
         if mode == "composite":
             return _mean(read.stack(UNCOND, range(len(plan.adapters))))
         config = plan.config
+        if config.uncond_loras == "reuse" and config.recenter < 1.0:
+            if cond.change is None:
+                raise ValueError(
+                    "uncond_loras='reuse' needs the cond branch's LoRA change (CondResult.change): "
+                    "combine the cond rows of this step first"
+                )
+            return reused_uncond(read.one(UNCOND, BASE), cond.change, config.recenter)
         lora_uncond = read.stack(UNCOND, plan.evaluated) if config.recenter < 1.0 else None
         return recentered_uncond(read.one(UNCOND, BASE), lora_uncond, cond.weights_up, config.recenter)
 
@@ -580,9 +591,12 @@ def _loratorio_cond(plan: StepPlan, read: _Reader) -> CondResult:
     if config.top_k is not None:
         in_force = keep if keep is not None else torch.ones(len(used), b, dtype=torch.bool)
         kept = torch.zeros(n, b, dtype=torch.bool, device=device).index_copy_(0, index, in_force.to(device))
-    return CondResult(
-        cond, all_weights, kept, all_divergence, weights_up, _next_gate_state(plan, read, cond, weights_up)
-    )
+    change = None
+    if config.uncond_loras == "reuse" and config.recenter < 1.0:
+        exact = torch.promote_types(cond.dtype, torch.float32)
+        change = cond.to(exact) - base_cond.to(exact)
+    gates = _next_gate_state(plan, read, cond, weights_up)
+    return CondResult(cond, all_weights, kept, all_divergence, weights_up, gates, change)
 
 
 def _residual_gates(config: LoRAtorioConfig, state: GateState | None, n: int, batch_size: int) -> Tensor:

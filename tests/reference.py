@@ -110,15 +110,19 @@ def top_k(sim: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def loratorio_step(
-    base_c, base_u, loras_c, loras_u, *, d, tau, lam, scale, keep=None, rule=DEFAULT_RULE
+    base_c, base_u, loras_c, loras_u, *, d, tau, lam, scale, keep=None, rule=DEFAULT_RULE, reuse=False
 ) -> torch.Tensor:
-    """One guided step of the method, in float64, from the raw predictions."""
+    """One guided step of the method, in float64, from the raw predictions. reuse: the uncond's
+    LoRA part is the base uncond plus the cond branch's LoRA change (e_c - base_c), not loras_u."""
     sim = similarity(loras_c, base_c, d)
     up = upsample_nearest(weights(sim, tau, keep, rule), base_c.shape[-2], base_c.shape[-1], d)
     e_c = compose(loras_c, up)
     if base_u is None:
         return e_c
-    mixed = compose(loras_u, up) if lam < 1 else 0.0
+    if reuse:
+        mixed = base_u.double() + (e_c - base_c.double())
+    else:
+        mixed = compose(loras_u, up) if lam < 1 else 0.0
     e_u = lam * base_u.double() + (1 - lam) * mixed
     return e_u + scale * (e_c - e_u)
 

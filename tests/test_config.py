@@ -14,6 +14,7 @@ def test_defaults_are_the_method_with_the_papers_recentering():
     assert config.top_k is None and config.reselect_every == 1
     assert config.switch_every == 5
     assert config.upsample == "nearest"
+    assert config.uncond_loras == "evaluate"  # every LoRA runs the negative prompt, as in the paper
     assert config.patch_size is None and config.patch_fraction == 1 / 16  # of the latent's side
 
 
@@ -40,6 +41,7 @@ def test_defaults_are_the_method_with_the_papers_recentering():
         ({"upsample": "bicubic"}, "upsample"),
         ({"switch_every": 0}, "switch_every"),
         ({"switch_every": True}, "switch_every"),
+        ({"uncond_loras": "skip"}, "uncond_loras must be one of evaluate, reuse"),
     ],
 )
 def test_bad_settings_raise_value_error_naming_the_setting(changes, named):

@@ -75,6 +75,32 @@ def test_generate_writes_the_png_with_its_settings_and_the_weight_maps(model_fol
     assert maps.width == 4 * 160 and maps.height == 2 * (160 + 14)  # the result + 3 steps, 2 LoRAs
 
 
+def test_reusing_the_cond_change_on_the_negative_is_a_different_image_and_is_recorded(
+    model_folder, tmp_path, capsys
+):
+    def generate(name, *extra):
+        out = tmp_path / f"{name}.png"
+        loras = ("--lora", model_folder / "lora1.safetensors", "--lora", model_folder / "lora2.safetensors")
+        code, _, err = run(
+            capsys,
+            *(model_folder / "sd", "-p", "a knight", *loras, "--steps", 2, "--width", 16, "--height", 16),
+            *("--seed", 3, "--output", out, "--quiet", *extra),
+        )
+        assert code == 0, err
+        image = Image.open(out)
+        return torch.tensor(list(image.getdata())), image.text
+
+    evaluated, evaluated_text = generate("evaluate")
+    reused, reused_text = generate("reuse", "--uncond-loras", "reuse")
+    assert not torch.equal(evaluated, reused)
+    assert "LoRAtorio uncond LoRAs: reuse" in reused_text["parameters"]
+    assert json.loads(reused_text["loratorio"])["config"]["uncond_loras"] == "reuse"
+    assert "uncond LoRAs" not in evaluated_text["parameters"]  # absent: every LoRA ran the negative
+    at_lam_one, text = generate("lam1", "--uncond-loras", "reuse", "--recenter", 1)
+    assert "uncond LoRAs" not in text["parameters"]  # at lam 1 no LoRA part is left to take anywhere
+    assert torch.equal(at_lam_one, generate("lam1-evaluate", "--recenter", 1)[0])
+
+
 def test_generate_with_a_pool_records_the_kept_loras_per_image(model_folder, tmp_path, capsys):
     pool = tmp_path / "pool"
     pool.mkdir()
@@ -121,7 +147,15 @@ def test_top_k_keeps_the_loras_given_by_name_before_the_pool(model_folder, tmp_p
     for i in range(3):
         (pool / f"p{i}.safetensors").write_bytes((model_folder / f"lora{i}.safetensors").read_bytes())
     out = tmp_path / "named.png"
-    args = (model_folder / "sd", "-p", "a knight", "--lora", model_folder / "lora1.safetensors", "--pool", pool)
+    args = (
+        model_folder / "sd",
+        "-p",
+        "a knight",
+        "--lora",
+        model_folder / "lora1.safetensors",
+        "--pool",
+        pool,
+    )
     code, stdout, err = run(
         capsys, *args, "--top-k", 2, "--steps", 2, "--width", 16, "--height", 16, "--output", out, "--quiet"
     )

@@ -71,7 +71,7 @@ def expected(unet, adapters, inputs, labels, config, contexts=None):
         return model(inputs["x"][r : r + 1], inputs["t"][r : r + 1], context[r : r + 1])
 
     out = torch.zeros(len(labels), 4, 8, 8, dtype=torch.float64)
-    weights_of = {}
+    weights_of, changes_of = {}, {}
     with torch.no_grad():
         for r, label in enumerate(labels):
             if label.branch != "cond":
@@ -79,17 +79,24 @@ def expected(unet, adapters, inputs, labels, config, contexts=None):
             base = run(bases, r)
             loras = torch.stack([run(m, r) for m in singles])
             w = ref.upsample_nearest(
-                ref.weights(ref.similarity(loras, base, config.patch_size), config.temperature, rule=config.weighting),
+                ref.weights(
+                    ref.similarity(loras, base, config.patch_size), config.temperature, rule=config.weighting
+                ),
                 8,
                 8,
                 config.patch_size,
             )
             out[r] = ref.compose(loras, w)[0]
             weights_of.setdefault(label.sample, []).append(w)
+            changes_of.setdefault(label.sample, []).append(out[r] - base[0].double())
         for r, label in enumerate(labels):
             if label.branch != "uncond":
                 continue
             base = run(bases, r).double()
+            if config.uncond_loras == "reuse":  # the base uncond plus the cond rows' mean LoRA change
+                change = torch.stack(changes_of[label.sample]).mean(0)
+                out[r] = (base + (1 - config.recenter) * change)[0]
+                continue
             w = torch.stack(weights_of[label.sample]).mean(0)  # AND rows: their mean weights
             loras = torch.stack([run(m, r) for m in singles])
             out[r] = (config.recenter * base + (1 - config.recenter) * ref.compose(loras, w))[0]
@@ -106,6 +113,7 @@ def forward(unet):
 
 
 CONFIG = LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5)
+REUSE = CONFIG.replace(uncond_loras="reuse")
 
 
 def test_one_cfg_call_gives_each_row_its_composed_branch():
@@ -142,11 +150,12 @@ def test_each_adapters_rows_can_see_their_own_inputs():
     assert not torch.allclose(want, expected(unet, adapters, inputs, labels, CONFIG), atol=1e-3)
 
 
+@pytest.mark.parametrize("config", [CONFIG, REUSE], ids=["evaluate", "reuse"])
 @pytest.mark.parametrize("pattern", ["cond-then-uncond", "uncond-first-same-call", "row-by-row"])
-def test_separate_calls_and_any_order_give_the_same_rows(pattern):
+def test_separate_calls_and_any_order_give_the_same_rows(pattern, config):
     unet, adapters = build()
     inputs, labels = host_batch()
-    rows, runtime = composer_for(unet, adapters, CONFIG)
+    rows, runtime = composer_for(unet, adapters, config)
     with torch.no_grad():
         whole = rows(forward(unet), inputs, labels, step=0)
         rows.reset()
@@ -168,16 +177,35 @@ def test_separate_calls_and_any_order_give_the_same_rows(pattern):
     torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
 
 
-def test_and_prompts_compose_each_cond_row_and_the_uncond_takes_their_mean_weights():
+@pytest.mark.parametrize("config", [CONFIG, REUSE], ids=["evaluate", "reuse"])
+def test_and_prompts_compose_each_cond_row_and_the_uncond_takes_their_mean_weights(config):
+    # reuse: the uncond takes the mean of the sub-prompts' LoRA changes instead
     unet, adapters = build()
     inputs, labels = host_batch(b=2, extra_cond=(0,))  # image 0 has two AND sub-prompts
     assert [label.sample for label in labels if label.branch == "cond"] == [0, 0, 1]
-    rows, runtime = composer_for(unet, adapters, CONFIG)
+    rows, runtime = composer_for(unet, adapters, config)
     with torch.no_grad():
         got = rows(forward(unet), inputs, labels, step=0)
     runtime.detach()
     torch.testing.assert_close(
-        got.double(), expected(unet, adapters, inputs, labels, CONFIG), atol=2e-4, rtol=1e-4
+        got.double(), expected(unet, adapters, inputs, labels, config), atol=2e-4, rtol=1e-4
+    )
+
+
+def test_reused_uncond_runs_no_lora_on_the_negative_and_is_not_the_evaluated_one():
+    unet, adapters = build()
+    inputs, labels = host_batch()
+    calls = []
+    rows, runtime = composer_for(unet, adapters, REUSE)
+    with torch.no_grad():
+        got = rows(lambda x, t, context: calls.append(len(x)) or unet(x, t, context), inputs, labels, step=0)
+    runtime.detach()
+    assert calls == [2 * (1 + 3) + 2]  # cond: base + 3 LoRAs per image; uncond: base only, as at lam 1
+    torch.testing.assert_close(
+        got.double(), expected(unet, adapters, inputs, labels, REUSE), atol=2e-4, rtol=1e-4
+    )
+    assert not torch.allclose(
+        got[2:].double(), expected(unet, adapters, inputs, labels, CONFIG)[2:], atol=1e-3
     )
 
 
@@ -304,11 +332,12 @@ def steps_through_the_core(unet, runtime, inputs, labels, config, steps):
     return out
 
 
+@pytest.mark.parametrize("config", [GATED, GATED.replace(uncond_loras="reuse")], ids=["evaluate", "reuse"])
 @pytest.mark.parametrize("pattern", ["one-call", "cond-then-uncond", "uncond-first", "row-by-row"])
-def test_gated_steps_through_host_rows_equal_the_core_in_every_calling_pattern(pattern):
+def test_gated_steps_through_host_rows_equal_the_core_in_every_calling_pattern(pattern, config):
     unet, adapters = build()
     inputs, labels = host_batch()
-    rows, runtime = composer_for(unet, adapters, GATED, record_weights=True)
+    rows, runtime = composer_for(unet, adapters, config, record_weights=True)
     chunks = {
         "one-call": [[0, 1, 2, 3]],
         "cond-then-uncond": [[0, 1], [2, 3]],
@@ -316,7 +345,7 @@ def test_gated_steps_through_host_rows_equal_the_core_in_every_calling_pattern(p
         "row-by-row": [[0], [1], [2], [3]],
     }[pattern]
     with torch.no_grad():
-        want = steps_through_the_core(unet, runtime, inputs, labels, GATED, 5)
+        want = steps_through_the_core(unet, runtime, inputs, labels, config, 5)
         for step in range(5):
             got = torch.zeros(4, 4, 8, 8)
             for c in chunks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -36,6 +37,28 @@ def test_loratorio_with_lam_one_needs_no_lora_uncond_rows(n):
     plan = StepComposer(LoRAtorioConfig(recenter=1.0)).plan(0, ADAPTERS[:n])
     assert rows_of(plan) == [("cond", ())] + [("cond", (i,)) for i in range(n)] + [("uncond", ())]
     assert len(plan.rows) == n + 2
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_reusing_the_cond_change_needs_no_lora_uncond_rows_at_any_lam(n):
+    plan = StepComposer(LoRAtorioConfig(recenter=0.5, uncond_loras="reuse")).plan(0, ADAPTERS[:n])
+    assert rows_of(plan) == [("cond", ())] + [("cond", (i,)) for i in range(n)] + [("uncond", ())]
+    assert len(plan.rows) == n + 2
+
+
+def test_reusing_the_cond_change_still_measures_the_gated_uncond_residual_before_gated_steps():
+    config = LoRAtorioConfig(recenter=0.5, uncond_loras="reuse", exact_every=3, exact_first=1)
+    plan = StepComposer(config).plan(0, ADAPTERS[:3])
+    assert rows_of(plan) == [
+        ("cond", ()),
+        ("cond", (0,)),
+        ("cond", (1,)),
+        ("cond", (2,)),
+        ("cond", (0, 1, 2)),
+    ] + [
+        ("uncond", ()),
+        ("uncond", (0, 1, 2)),
+    ]
 
 
 @pytest.mark.parametrize("mode", ["loratorio", "composite", "switch", "merge"])
@@ -192,6 +215,35 @@ def test_loratorio_combine_matches_the_reference(lam):
     expected_div = (1 - ref.similarity(loras_c, rows[("cond", ())], 3)).mean((2, 3))
     torch.testing.assert_close(result.divergence.double(), expected_div, atol=1e-6, rtol=1e-6)
     assert result.kept is None
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_reused_uncond_is_the_base_uncond_plus_the_cond_branchs_lora_change(lam):
+    config = LoRAtorioConfig(patch_size=3, temperature=1.0, recenter=lam, uncond_loras="reuse")
+    composer = StepComposer(config)
+    plan = composer.plan(0, ADAPTERS[:3], batch_size=2)
+    preds = fake_predictions(plan)
+    rows = by_row(plan, preds)
+    loras_c = torch.stack([rows[("cond", ((i, ADAPTERS[i].scale),))] for i in range(3)])
+    base_c, base_u = rows[("cond", ())], rows[("uncond", ())]
+    expected = ref.loratorio_step(base_c, base_u, loras_c, None, d=3, tau=1.0, lam=lam, scale=7.5, reuse=True)
+    result = composer.combine(plan, preds.double(), 7.5)
+    torch.testing.assert_close(result.eps, expected, atol=1e-10, rtol=1e-10)
+    # written out: lam * base_u + (1 - lam) * (base_u + cond - base_c)
+    torch.testing.assert_close(result.uncond, base_u.double() + (1 - lam) * (result.cond - base_c.double()))
+    torch.testing.assert_close(
+        composer.combine(plan, preds, 7.5).eps.double(), expected, atol=1e-3, rtol=1e-4
+    )
+
+
+def test_reused_uncond_without_the_cond_change_is_refused_with_a_clear_error():
+    composer = StepComposer(LoRAtorioConfig(uncond_loras="reuse"))
+    plan = composer.plan(0, ADAPTERS[:2], batch_size=1)
+    preds = fake_predictions(plan)
+    split = plan.num_cond_entries
+    cond = composer.combine_cond(plan, preds[:split])
+    with pytest.raises(ValueError, match="uncond_loras='reuse' needs the cond branch's LoRA change"):
+        composer.combine_uncond(plan, preds[split:], dataclasses.replace(cond, change=None))
 
 
 def test_one_lora_with_lam_zero_is_that_loras_plain_cfg():
@@ -379,6 +431,7 @@ def denoise_by_hand(model, config, adapters, x, cond, uncond, steps, scale):
                 lam=config.recenter,
                 scale=scale,
                 keep=keep,
+                reuse=config.uncond_loras == "reuse",
             )
         else:
             if config.mode == "merge":
@@ -402,11 +455,12 @@ def denoise_by_hand(model, config, adapters, x, cond, uncond, steps, scale):
         (LoRAtorioConfig(patch_size=3, temperature=0.02, recenter=1.0), 5.0),
         (LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5), 1.0),
         (LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5, top_k=2, reselect_every=2), 7.0),
+        (LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5, uncond_loras="reuse"), 7.0),
         (LoRAtorioConfig(mode="composite"), 7.0),
         (LoRAtorioConfig(mode="switch", switch_every=2), 7.0),
         (LoRAtorioConfig(mode="merge"), 7.0),
     ],
-    ids=["loratorio", "lam1", "no-cfg", "top-k", "composite", "switch", "merge"],
+    ids=["loratorio", "lam1", "no-cfg", "top-k", "reuse", "composite", "switch", "merge"],
 )
 def test_denoising_through_plan_rows_combine_matches_the_steps_written_by_hand(config, scale):
     torch.manual_seed(0)
@@ -427,11 +481,12 @@ def test_denoising_through_plan_rows_combine_matches_the_steps_written_by_hand(c
         LoRAtorioConfig(recenter=0.5),
         LoRAtorioConfig(recenter=1.0),
         LoRAtorioConfig(top_k=2, reselect_every=2),
+        LoRAtorioConfig(uncond_loras="reuse"),
         LoRAtorioConfig(mode="composite"),
         LoRAtorioConfig(mode="switch"),
         LoRAtorioConfig(mode="merge"),
     ],
-    ids=["lam0.5", "lam1", "top-k", "composite", "switch", "merge"],
+    ids=["lam0.5", "lam1", "top-k", "reuse", "composite", "switch", "merge"],
 )
 def test_cond_and_uncond_combined_in_separate_calls_equal_one_combine(config):
     # Hosts whose cond and uncond rows arrive in separate model calls (A1111 with
