@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from loratorio_core import LoRAtorioConfig, infotext
-from loratorio_core.config import WEIGHTINGS, format_patch, parse_patch
+from loratorio_core.config import UNCOND_LORAS, WEIGHTINGS, format_patch, parse_patch
 
 # UI labels of the modes -> the core's names.
 MODE_LABELS = {label: mode for mode, label in infotext.MODE_LABELS.items()}
@@ -88,6 +88,15 @@ ARGS: tuple[Arg, ...] = (
         "contrast: the default, each LoRA's divergence over its own mean, so where it acts decides)",
         absent="softmin",  # pictures from before the setting were all made with softmin
     ),
+    Arg(
+        "uncond_loras",
+        str,
+        _DEFAULTS.uncond_loras,
+        infotext.UNCOND_LORAS,
+        "with lam < 1, the LoRAs' part of the negative branch: evaluate (every LoRA runs the negative "
+        "prompt, 2N + 2 rows a step) or reuse (the positive branch's LoRA change; N + 2 rows, faster)",
+        absent="evaluate",  # written only when reuse: every other picture evaluated them
+    ),
 )
 NAMES = tuple(arg.name for arg in ARGS)
 
@@ -108,6 +117,7 @@ class Settings:
     exact_every: int = _DEFAULTS.exact_every
     exact_first: int = _DEFAULTS.exact_first
     weighting: str = _DEFAULTS.weighting
+    uncond_loras: str = _DEFAULTS.uncond_loras
 
     def config(self, num_loras: int | None = None) -> LoRAtorioConfig:
         """The core's config. With ``num_loras``, a top-k of at least that many keeps them all."""
@@ -124,6 +134,7 @@ class Settings:
             reselect_every=self.reselect_every,
             exact_every=self.exact_every,
             exact_first=self.exact_first,
+            uncond_loras=self.uncond_loras,
         )
 
     def infotext(self) -> dict[str, object]:
@@ -150,6 +161,11 @@ def parse_args(values: Sequence[object]) -> Settings:
         raise ValueError(
             f"LoRAtorio argument {NAMES.index('weighting')} (weighting) must be one of "
             f"{', '.join(WEIGHTINGS)}; got {settings.weighting!r}"
+        )
+    if settings.uncond_loras not in UNCOND_LORAS:
+        raise ValueError(
+            f"LoRAtorio argument {NAMES.index('uncond_loras')} (uncond_loras) must be one of "
+            f"{', '.join(UNCOND_LORAS)}; got {settings.uncond_loras!r}"
         )
     if settings.top_k < 0:
         raise ValueError(f"LoRAtorio argument 6 (top_k) must be 0 (off) or more; got {settings.top_k}")

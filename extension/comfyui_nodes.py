@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from loratorio_core import LoRAtorioConfig
-from loratorio_core.config import WEIGHTINGS, parse_patch
+from loratorio_core.config import UNCOND_LORAS, WEIGHTINGS, parse_patch
 from loratorio_core.lora import split_scale
 
 from . import comfyui
@@ -196,6 +196,10 @@ GATED_TIP = (
     "every LoRA gated by its latest weight map (faster). 2 kept the method's quality on both synthetic "
     "benchmarks; 3 costs fewer rows and loses some with 4-5 LoRAs."
 )
+UNCOND_LORAS_TIP = (
+    "With lam < 1, the LoRAs' part of the negative branch: evaluate (every LoRA runs the negative "
+    "prompt, the paper) or reuse (the positive branch's LoRA change; as many model rows as lam 1, faster)."
+)
 LAM_TIP = (
     "Re-centring of the negative branch on the base model (paper: 0.5); 1 is faster (no LoRA runs "
     "the negative prompt)."
@@ -258,6 +262,10 @@ class ApplyLoRAtorio:
                 "exact_first": _number(
                     "INT", defaults.exact_first, 1, 1000, "With exact_every > 1: leading exact steps."
                 ),
+                "uncond_loras": (
+                    list(UNCOND_LORAS),
+                    {"default": defaults.uncond_loras, "tooltip": UNCOND_LORAS_TIP},
+                ),
             },
         }
 
@@ -278,6 +286,7 @@ class ApplyLoRAtorio:
         exact_every=1,
         exact_first=3,
         prompt="",
+        uncond_loras=None,
     ):
         entries = list(stack or [])
         pool_entries = [e for e in (pool or {}).get("entries", []) if e.name not in {s.name for s in entries}]
@@ -295,6 +304,7 @@ class ApplyLoRAtorio:
             weighting=weighting,
             exact_every=exact_every,
             exact_first=exact_first,
+            uncond_loras=uncond_loras,
         )
         if not entries + pool_entries:
             raise ValueError("Apply LoRAtorio: the stack has no LoRA; add a LoRAtorio LoRA stack node")
@@ -319,6 +329,7 @@ def settings_config(
     weighting=None,
     exact_every=1,
     exact_first=3,
+    uncond_loras=None,
 ):
     """The node's inputs as the core's config; ValueError naming the input for a bad value."""
     if mode not in MODES:
@@ -338,6 +349,7 @@ def settings_config(
             switch_every=int(switch_every),
             exact_every=int(exact_every),
             exact_first=int(exact_first),
+            uncond_loras=str(uncond_loras or LoRAtorioConfig().uncond_loras),
         )
     except ValueError as error:
         raise ValueError(f"Apply LoRAtorio: {error}") from None

@@ -11,7 +11,7 @@ from modules import script_callbacks, scripts
 from modules.ui_components import InputAccordion, ToolButton
 
 from loratorio_core import infotext
-from loratorio_core.config import WEIGHTINGS
+from loratorio_core.config import UNCOND_LORAS, WEIGHTINGS
 
 from . import hosts, options, session, tab, xyz
 from .args import ARGS, MODE_LABELS, NAMES, PATCH_CHOICES, Settings, from_infotext, parse_args
@@ -23,6 +23,7 @@ TOOLTIPS = {arg.name: arg.help for arg in ARGS}
 # "Temperature": 1.0, softmin's) it would override the defaults those versions did not have.
 PATCH_LABEL = "Patch size (fraction or pixels)"
 TEMPERATURE_LABEL = "Temperature (tau)"
+UNCOND_LORAS_LABEL = "Negative branch LoRAs (lam < 1; reuse: faster)"
 OLD_LABELS = ("Patch size", "Temperature")
 # WebUI 1.10 takes a list value of extra_generation_params per image (A1111 47ed9b2d), in the release
 # that gave callbacks their names; before it (A1111 1.6-1.9, old Forge) a list is written whole
@@ -56,9 +57,9 @@ class LoRAtorioScript(scripts.Script):
             with gr.Row():
                 pool, top_k, reselect_every = self._pool_controls(defaults)
             show_maps = gr.Checkbox(value=False, label="Show weight maps", elem_id=self.elem_id("show_maps"))
-            exact_every, exact_first = _gated_controls(self, defaults)
+            exact_every, exact_first, uncond_loras = _speed_controls(self, defaults)
         controls = [enabled, mode, patch_size, temperature, recenter, pool, top_k, reselect_every, show_maps]
-        controls += [exact_every, exact_first, weighting]
+        controls += [exact_every, exact_first, weighting, uncond_loras]
         self.infotext_fields = [
             (control, _paste(arg.name)) for control, arg in zip(controls, ARGS, strict=True) if arg.infotext
         ]
@@ -257,9 +258,10 @@ _register(script_callbacks.on_ui_tabs, tab.build)
 _register(script_callbacks.on_script_unloaded, session.stop)
 
 
-def _gated_controls(script, defaults: Settings):
-    """The gated single pass: exact steps first and every K-th, one gated row between (faster,
-    see README: measured cost and quality)."""
+def _speed_controls(script, defaults: Settings):
+    """The gated single pass (exact steps first and every K-th, one gated row between) and the
+    negative branch's LoRAs (evaluated, or the positive's change reused): faster, see README for
+    the measured cost and quality."""
     with gr.Row():
         exact_every = gr.Slider(
             1,
@@ -277,4 +279,10 @@ def _gated_controls(script, defaults: Settings):
             label="Exact first steps (gated single pass)",
             elem_id=script.elem_id("exact_first"),
         )
-    return exact_every, exact_first
+        uncond_loras = gr.Radio(
+            choices=list(UNCOND_LORAS),
+            value=defaults.uncond_loras,
+            label=UNCOND_LORAS_LABEL,
+            elem_id=script.elem_id("uncond_loras"),
+        )
+    return exact_every, exact_first, uncond_loras

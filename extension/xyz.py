@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loratorio_core.config import WEIGHTINGS
+from loratorio_core.config import UNCOND_LORAS, WEIGHTINGS
 
 from .args import MODE_LABELS, PATCH_CHOICES
 
@@ -38,6 +38,12 @@ def register() -> bool:
             xyz.AxisOption(PREFIX + "Top-k", int, _apply("top_k")),
             xyz.AxisOption(PREFIX + "Exact every (gated)", int, _apply("exact_every")),
             xyz.AxisOption(PREFIX + "Exact first (gated)", int, _apply("exact_first")),
+            xyz.AxisOption(
+                PREFIX + "Negative branch LoRAs",
+                str,
+                _apply("uncond_loras"),
+                choices=lambda: list(UNCOND_LORAS),
+            ),
         ]
     )
     return True

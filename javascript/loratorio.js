@@ -12,6 +12,7 @@
         "Reselect every": "Steps between choices of the top-k LoRAs; between them only the kept ones run (faster).",
         "Show weight maps": "Add a picture per LoRA showing which regions it owned, averaged over the steps.",
         "Exact every K steps (1: every step; more: gated single pass between, faster)": "1 runs base + every LoRA at every step (the method); K > 1 does so only on the first steps and every K-th, and between runs one row with every LoRA gated by its latest weight map (about 2 rows a step, like merge). 2 kept the method's quality on both synthetic benchmarks; 3 costs fewer rows and loses some with 4-5 LoRAs.",
+        "Negative branch LoRAs (lam < 1; reuse: faster)": "evaluate: every LoRA also runs the negative prompt (2N + 2 model rows a step, the paper). reuse: the negative branch takes the LoRAs' change from the positive one (N + 2 rows, as at lam 1); on the synthetic benchmarks it kept most of the quality (README).",
         "Exact first steps (gated single pass)": "With Exact every above 1: how many leading steps run the full method, where the layout is decided.",
     };
     onUiUpdate(function () {

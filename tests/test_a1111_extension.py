@@ -593,6 +593,7 @@ def test_xyz_axes_set_the_cells_settings(webui):
         "[LoRAtorio] Top-k",
         "[LoRAtorio] Exact every (gated)",
         "[LoRAtorio] Exact first (gated)",
+        "[LoRAtorio] Negative branch LoRAs",
     ]
     mode_axis = xyz.axis_options[1]
     runner = scripts.ScriptRunner([webui.script_class()])
@@ -621,6 +622,41 @@ def test_xyz_axes_set_the_cells_settings(webui):
     assert f"LoRAtorio mode: {'Composite'}" in cells["Composite"].infotexts[0]
 
 
+def test_reusing_the_positive_lora_change_on_the_negative_is_recorded_pasted_back_and_plotted(webui):
+    from modules import processing, script_callbacks, scripts
+
+    from extension.args import parse_args
+
+    evaluated, _ = generate(webui, PROMPT, ON)
+    reused, _ = generate(webui, PROMPT, ON + [1, 3, "contrast", "reuse"])
+    assert not torch.equal(evaluated.images[0], reused.images[0])
+    info = reused.infotexts[0]
+    assert "LoRAtorio uncond LoRAs: reuse" in info and "uncond LoRAs" not in evaluated.infotexts[0]
+    params = dict(part.split(": ", 1) for part in info.splitlines()[-1].split(", "))
+    runner = scripts.ScriptRunner([webui.script_class()])
+    pasted = {component.label: paste(params) for component, paste in runner.infotext_fields}
+    assert pasted["Negative branch LoRAs (lam < 1; reuse: faster)"] == "reuse"
+    # the X/Y/Z axis gives the same picture as the argument
+    xyz = fake_xyz()
+    script_callbacks.before_ui_callback()
+    axis = next(o for o in xyz.axis_options if o.label == "[LoRAtorio] Negative branch LoRAs")
+    assert axis.choices() == ["evaluate", "reuse"]
+    p = processing.StableDiffusionProcessingTxt2Img(
+        prompt=PROMPT,
+        negative_prompt="blurry",
+        steps=4,
+        width=64,
+        height=64,
+        cfg_scale=6.0,
+        scripts=runner,
+        script_args=ON,
+    )
+    axis.apply(p, "reuse", None)
+    assert torch.equal(processing.process_images(p).images[0], reused.images[0])
+    with pytest.raises(ValueError, match="argument 12 \\(uncond_loras\\) must be one of evaluate, reuse"):
+        parse_args(ON + [1, 3, "contrast", "skip"])
+
+
 def test_infotext_fields_paste_the_settings_back(webui):
     from modules import scripts
 
@@ -642,6 +678,7 @@ def test_infotext_fields_paste_the_settings_back(webui):
         "Pool (folder or named pool)": "",
         "Top-k (0: all)": 0,
         "Exact every K steps (1: every step; more: gated single pass between, faster)": 1,
+        "Negative branch LoRAs (lam < 1; reuse: faster)": "evaluate",  # absent: every LoRA ran it
     }
 
 

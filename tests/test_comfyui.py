@@ -108,6 +108,7 @@ def expected(
     top_k=None,
     control=None,
     rule=reference.DEFAULT_RULE,
+    reuse=False,
 ):
     """The sampling the nodes should give, from merged copies of the fake checkpoint: the fake's
     Euler on its "normal" schedule, every prediction eps from a copy with one LoRA merged (or none),
@@ -145,6 +146,7 @@ def expected(
             scale=cfg,
             keep=keep,
             rule=rule,
+            reuse=reuse,
         ).float()
         x = x + guided * (sigmas[i + 1] - s)
     return comfy.nodes.FakeVAE().decode(x)
@@ -561,6 +563,13 @@ def test_the_weighting_rule_and_the_gated_pass_are_inputs_of_apply(comfy):
     assert torch.isfinite(gated).all() and not torch.allclose(gated, run(comfy, workflow())["loratorio"])
     with pytest.raises(ValueError, match="weighting='sharp' is not one of"):  # ComfyUI's own check of a list
         run(comfy, workflow(**{"4": {"weighting": "sharp"}}))
+
+
+def test_the_negative_branch_can_reuse_the_positive_lora_change(comfy):
+    reused = run(comfy, workflow(**{"4": {"uncond_loras": "reuse"}}))["loratorio"]
+    _close(reused, expected(comfy, reuse=True))  # lam * base_u + (1 - lam) * (base_u + cond - base_c)
+    assert not torch.allclose(reused, run(comfy, workflow())["loratorio"])
+    assert _hooks(comfy) == 0 and comfy.model.patches == {}
 
 
 def test_bad_settings_and_files_fail_with_a_message_naming_them(comfy, tmp_path):

@@ -54,7 +54,11 @@ def test_api_values_are_coerced_from_json_types():
         ([True, "LoRAtorio", 4, 0.01, 1.0, "", 0, 1, False, 0], "exact_every"),
         ([True, "LoRAtorio", 4, 0.01, 1.0, "", 0, 1, False, 4, 0], "exact_first"),
         ([True, "LoRAtorio", 4, 0.01, 1.0, "", 0, 1, False, 1, 3, "sharp"], "argument 11 .weighting."),
-        ([True] * 13, "at most 12"),
+        (
+            [True, "LoRAtorio", 4, 0.01, 0.5, "", 0, 1, False, 1, 3, "contrast", "skip"],
+            "argument 12 .uncond_loras.",
+        ),
+        ([True] * 14, "at most 13"),
     ],
 )
 def test_bad_api_arguments_raise_a_clear_error_naming_the_argument(values, named):
@@ -151,6 +155,23 @@ def test_the_weighting_rule_is_the_twelfth_argument_recorded_and_pasted_back():
     params = {key: str(value) for key, value in paper.infotext().items()}
     assert params["LoRAtorio weighting"] == "softmin"
     assert from_infotext(params)["weighting"] == "softmin"
+
+
+def test_reusing_the_cond_change_on_the_negative_is_the_thirteenth_argument_recorded_only_when_it_acts():
+    assert (
+        NAMES[12] == "uncond_loras"
+        and Settings().uncond_loras == LoRAtorioConfig().uncond_loras == "evaluate"
+    )
+    reuse = parse_args([True, "LoRAtorio", "1/16", 3.0, 0.5, "", 0, 1, False, 1, 3, "contrast", "reuse"])
+    assert reuse.config().uncond_loras == "reuse"
+    params = {key: str(value) for key, value in reuse.infotext().items()}
+    assert params["LoRAtorio uncond LoRAs"] == "reuse"
+    assert from_infotext(params)["uncond_loras"] == "reuse"
+    # silent when it changes nothing (lam 1, a baseline) or is off; absent pastes back "evaluate"
+    at_lam_one = parse_args([True, "LoRAtorio", "1/16", 3.0, 1.0, "", 0, 1, False, 1, 3, "contrast", "reuse"])
+    assert "LoRAtorio uncond LoRAs" not in at_lam_one.infotext()
+    assert "LoRAtorio uncond LoRAs" not in parse_args([True]).infotext()
+    assert from_infotext({"LoRAtorio": "True"})["uncond_loras"] == "evaluate"
 
 
 def test_an_infotext_pastes_back_the_settings_it_made_even_where_it_is_silent():

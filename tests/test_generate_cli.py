@@ -278,4 +278,5 @@ def test_a_cli_picture_pastes_its_settings_into_the_webui_extensions_fields(
         "Reselect every": 3,
         "Weighting": "contrast",
         "Exact every K steps (1: every step; more: gated single pass between, faster)": 1,
+        "Negative branch LoRAs (lam < 1; reuse: faster)": "evaluate",  # absent: every LoRA ran it
     }
