@@ -132,8 +132,9 @@ GATED_EVERY = (2, 3, 4, 6)
 
 
 def gated_methods(exact: LoRAtorioConfig) -> list[Method]:
-    """LoRAtorio's gated single pass at several K; one exact step only then every 5th; and at K = 3
-    the other rule for layers without position, winner-take-all gates, and lam = 1."""
+    """LoRAtorio's gated single pass at several K; one exact step only then every 5th; at K = 3
+    the other rule for layers without position, winner-take-all gates, and lam = 1; and at K = 2
+    and 3 with the uncond reusing the cond's LoRA change."""
     out = [Method(f"gated K={k}", exact.replace(exact_every=k)) for k in GATED_EVERY]
     k3 = exact.replace(exact_every=3)
     out += [
@@ -141,6 +142,8 @@ def gated_methods(exact: LoRAtorioConfig) -> list[Method]:
         Method("gated K=3 ctx=mean", k3.replace(gate_context="mean")),
         Method("gated K=3 winner", k3.replace(gate_maps="winner")),
         Method("gated K=3 lam=1", k3.replace(recenter=1.0)),
+        Method("gated K=2 reuse", exact.replace(exact_every=2, uncond_loras="reuse")),
+        Method("gated K=3 reuse", k3.replace(uncond_loras="reuse")),
     ]
     return out
 

@@ -70,6 +70,8 @@ class LoRAtorioConfig:
       base (softmin tau 1 drifts to uniform there) nor one LoRA's overall strength decides.
     - lam 0.5: lam 1 (N + 2 rows instead of 2N + 2) lost 12 points of all-present (19 on one model).
     - patch 1/16 of the side: 1/8 tied, and the finer patch follows small concepts.
+    - uncond_loras ``evaluate``: ``reuse`` (N + 2 rows) tied it on the dev halves but lost 6.7 points
+      on the first benchmark's test half; it is offered, not the default.
     """
 
     mode: str = "loratorio"
