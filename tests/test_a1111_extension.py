@@ -71,13 +71,24 @@ def generate(webui, prompt, args=None, *, txt2img=True, with_script=True, **kwar
         if txt2img
         else processing.StableDiffusionProcessingImg2Img
     )
-    defaults = dict(negative_prompt="blurry", steps=4, width=64, height=64, cfg_scale=6.0)
-    p = cls(prompt=prompt, scripts=runner, script_args=script_args, **{**defaults, **kwargs})
+    p = cls(prompt=prompt, scripts=runner, script_args=script_args, **{**JOB, **kwargs})
     return processing.process_images(p), p
+
+
+JOB = dict(negative_prompt="blurry", steps=4, width=64, height=64, cfg_scale=6.0)  # every test's job
 
 
 ON = [True, "LoRAtorio", 2, 1.0, 0.5, "", 0, 1, False]
 PROMPT = "a cat <lora:l0:0.8> <lora:l1:1.0>"
+
+
+def txt2img(runner, script_args, prompt=PROMPT, **kwargs):
+    """A txt2img job of the tests' size for ``runner``, not yet processed."""
+    from modules import processing
+
+    return processing.StableDiffusionProcessingTxt2Img(
+        prompt=prompt, scripts=runner, script_args=script_args, **{**JOB, **kwargs}
+    )
 
 
 def merged_copy(module: nn.Module, loras, component):
@@ -599,16 +610,7 @@ def test_xyz_axes_set_the_cells_settings(webui):
     runner = scripts.ScriptRunner([webui.script_class()])
     cells = {}
     for mode in ("LoRAtorio", "Composite"):
-        p = processing.StableDiffusionProcessingTxt2Img(
-            prompt=PROMPT,
-            negative_prompt="blurry",
-            steps=4,
-            width=64,
-            height=64,
-            cfg_scale=6.0,
-            scripts=runner,
-            script_args=runner.default_args(),
-        )
+        p = txt2img(runner, runner.default_args())
         cell = copy_.copy(p)
         mode_axis.apply(cell, mode, None)
         cells[mode] = processing.process_images(cell)
@@ -641,16 +643,7 @@ def test_reusing_the_positive_lora_change_on_the_negative_is_recorded_pasted_bac
     script_callbacks.before_ui_callback()
     axis = next(o for o in xyz.axis_options if o.label == "[LoRAtorio] Negative branch LoRAs")
     assert axis.choices() == ["evaluate", "reuse"]
-    p = processing.StableDiffusionProcessingTxt2Img(
-        prompt=PROMPT,
-        negative_prompt="blurry",
-        steps=4,
-        width=64,
-        height=64,
-        cfg_scale=6.0,
-        scripts=runner,
-        script_args=ON,
-    )
+    p = txt2img(runner, ON)
     axis.apply(p, "reuse", None)
     assert torch.equal(processing.process_images(p).images[0], reused.images[0])
     with pytest.raises(ValueError, match="argument 12 \\(uncond_loras\\) must be one of evaluate, reuse"):
@@ -832,16 +825,7 @@ def test_api_alwayson_args_take_defaults_for_what_is_missing(webui):
     request = {"loratorio": {"args": [True, "LoRAtorio", 2, 1.0, 0.5]}}
     for index, value in enumerate(request[script.name]["args"][: script.args_to - script.args_from]):
         args[script.args_from + index] = value
-    p = processing.StableDiffusionProcessingTxt2Img(
-        prompt=PROMPT,
-        negative_prompt="blurry",
-        steps=4,
-        width=64,
-        height=64,
-        cfg_scale=6.0,
-        scripts=runner,
-        script_args=args,
-    )
+    p = txt2img(runner, args)
     via_api = processing.process_images(p)
     direct, _ = generate(webui, PROMPT, ON)
     assert torch.equal(via_api.images[0], direct.images[0])
@@ -877,17 +861,7 @@ def test_older_a1111_without_the_sampling_hook_gives_the_same_image(webui, hires
     try:
         runner = OldRunner([webui.script_class()])
         runner.process_before_every_sampling = lambda *a, **k: None  # what old processing code would not call
-        p = processing.StableDiffusionProcessingTxt2Img(
-            prompt=PROMPT,
-            negative_prompt="blurry",
-            steps=4,
-            width=64,
-            height=64,
-            cfg_scale=6.0,
-            scripts=runner,
-            script_args=ON,
-            enable_hr=hires,
-        )
+        p = txt2img(runner, ON, enable_hr=hires)
         old = processing.process_images(p)
     finally:
         scripts.ScriptRunner.process_before_every_sampling = _sampling_hook
@@ -992,16 +966,7 @@ def test_the_xyz_patch_size_axis_takes_fractions_and_absolute_sizes(webui):
     assert axis.type is str and {"1/16", "1/8", "4"} <= set(axis.choices())
     runner = scripts.ScriptRunner([webui.script_class()])
     for value in ("1/4", "2"):
-        p = processing.StableDiffusionProcessingTxt2Img(
-            prompt=PROMPT,
-            negative_prompt="blurry",
-            steps=4,
-            width=64,
-            height=64,
-            cfg_scale=6.0,
-            scripts=runner,
-            script_args=runner.default_args(),
-        )
+        p = txt2img(runner, runner.default_args())
         cell = copy_.copy(p)
         axis.apply(cell, value, None)
         plotted = processing.process_images(cell)
