@@ -87,6 +87,7 @@ def by_hand(pipe, loras, scales, config, prompt, steps, guidance, size=16):
                 tau=config.temperature,
                 lam=config.recenter,
                 scale=guidance,
+                reuse=config.uncond_loras == "reuse",
             )
             latents = scheduler.step(guided.float(), t, latents).prev_sample
     return latents
@@ -142,14 +143,18 @@ def test_sdxl_without_loras_matches_diffusers_for_any_scheduler_and_prediction_t
     torch.testing.assert_close(ours.latents, theirs, atol=1e-4 if prediction != "epsilon" else 0, rtol=0)
 
 
-@pytest.mark.parametrize("text_encoder", [False, True], ids=["unet-only", "with-text-encoder"])
-def test_composition_equals_the_method_written_out_on_merged_copies(sd, tmp_path, text_encoder):
+@pytest.mark.parametrize(
+    "text_encoder, uncond_loras",
+    [(False, "evaluate"), (True, "evaluate"), (True, "reuse")],
+    ids=["unet-only", "with-text-encoder", "reused-uncond"],
+)
+def test_composition_equals_the_method_written_out_on_merged_copies(sd, tmp_path, text_encoder, uncond_loras):
     paths = [
         random_lora(tmp_path / f"l{i}.safetensors", sd, seed=i, text_encoder=text_encoder) for i in range(3)
     ]
     loras = [load_lora(p) for p in paths]
     scales = [0.8, 1.0, 0.6]
-    config = LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5)
+    config = LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5, uncond_loras=uncond_loras)
     ours = LoRAtorioDiffusers(sd, paths, scales, config)(
         "a red cube", steps=3, guidance_scale=5.0, height=16, width=16, output_type="latent"
     )
@@ -159,7 +164,7 @@ def test_composition_equals_the_method_written_out_on_merged_copies(sd, tmp_path
         "a red cube", steps=3, guidance_scale=5.0, height=16, width=16, output_type="latent"
     )
     assert (ours.latents - plain.latents).abs().max() > 1e-2  # the LoRAs did something
-    assert ours.rows == [8] * 3
+    assert ours.rows == [8 if uncond_loras == "evaluate" else 5] * 3  # 2N + 2, or N + 2 reusing
 
 
 def test_chunked_rows_give_identical_results(sd, tmp_path):

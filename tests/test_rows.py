@@ -223,10 +223,13 @@ def test_lam_one_needs_no_lora_uncond_rows_and_gives_the_base_uncond():
     torch.testing.assert_close(got[2:], base_uncond)
 
 
-def test_top_k_keeps_its_set_across_steps_and_calls_and_names_the_kept():
+@pytest.mark.parametrize("uncond_loras", ["evaluate", "reuse"])
+def test_top_k_keeps_its_set_across_steps_and_calls_and_names_the_kept(uncond_loras):
     unet, adapters = build()
     inputs, labels = host_batch()
-    config = LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5, top_k=2, reselect_every=2)
+    config = LoRAtorioConfig(
+        patch_size=2, temperature=1.0, recenter=0.5, top_k=2, reselect_every=2, uncond_loras=uncond_loras
+    )
     rows, runtime = composer_for(unet, adapters, config)
     sizes = []
 
@@ -239,8 +242,10 @@ def test_top_k_keeps_its_set_across_steps_and_calls_and_names_the_kept():
             rows(counted, {k: v[:2] for k, v in inputs.items()}, labels[:2], step=step)  # cond call
             rows(counted, {k: v[2:] for k, v in inputs.items()}, labels[2:], step=step)  # uncond call
     runtime.detach()
-    # each cond call: base + (3 on selection steps, 2 between) per image; uncond: base + the kept 2
-    assert sizes == [8, 6, 6, 6, 8, 6]
+    # each cond call: base + (3 on selection steps, 2 between) per image; uncond: base + the kept 2,
+    # or the base alone when it reuses the cond's change
+    uncond = 6 if uncond_loras == "evaluate" else 2
+    assert sizes == [8, uncond, 6, uncond, 8, uncond]
     assert all(len(names) == 2 for names in rows.kept.values())
 
 

@@ -456,11 +456,15 @@ def denoise_by_hand(model, config, adapters, x, cond, uncond, steps, scale):
         (LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5), 1.0),
         (LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5, top_k=2, reselect_every=2), 7.0),
         (LoRAtorioConfig(patch_size=2, temperature=1.0, recenter=0.5, uncond_loras="reuse"), 7.0),
+        (
+            LoRAtorioConfig(patch_size=2, temperature=1.0, top_k=2, reselect_every=2, uncond_loras="reuse"),
+            7.0,
+        ),
         (LoRAtorioConfig(mode="composite"), 7.0),
         (LoRAtorioConfig(mode="switch", switch_every=2), 7.0),
         (LoRAtorioConfig(mode="merge"), 7.0),
     ],
-    ids=["loratorio", "lam1", "no-cfg", "top-k", "reuse", "composite", "switch", "merge"],
+    ids=["loratorio", "lam1", "no-cfg", "top-k", "reuse", "top-k-reuse", "composite", "switch", "merge"],
 )
 def test_denoising_through_plan_rows_combine_matches_the_steps_written_by_hand(config, scale):
     torch.manual_seed(0)
