@@ -135,6 +135,12 @@ class LoRAtorioConfig:
         """Whether some steps run the gated single pass (LoRAtorio with exact_every > 1)."""
         return self.mode == "loratorio" and self.exact_every > 1
 
+    @property
+    def reuses_cond_change(self) -> bool:
+        """Whether the re-centred uncond takes the LoRAs' part from the cond branch (LoRAtorio,
+        lam < 1, ``uncond_loras="reuse"``): no LoRA runs the negative prompt."""
+        return self.mode == "loratorio" and self.recenter < 1.0 and self.uncond_loras == "reuse"
+
     def is_exact_step(self, step: int) -> bool:
         """Whether ``step`` (0-based) evaluates base + every LoRA: always unless ``gated``; then
         the first ``exact_first`` steps and every ``exact_every``-th step."""

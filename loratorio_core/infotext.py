@@ -50,7 +50,7 @@ def generation_params(config: LoRAtorioConfig, pool: str = "") -> dict[str, obje
     if config.gated:
         params[EXACT_EVERY] = config.exact_every
         params[EXACT_FIRST] = config.exact_first
-    if config.mode == "loratorio" and config.recenter < 1.0 and config.uncond_loras != "evaluate":
+    if config.reuses_cond_change:
         params[UNCOND_LORAS] = config.uncond_loras
     return params
 

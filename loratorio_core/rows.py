@@ -287,8 +287,10 @@ class RowComposer:
     def _remember_cond(self, cond: CondResult, evaluated, cond_rows, cond_keys, labels, step) -> None:
         n = len(self.adapters)
         full = None
-        if cond.weights_up is not None and self.composer.config.recenter < 1.0:
-            # Only a re-centred uncond reads them: (N, R, 1, H, W), 0 where an adapter took no part.
+        config = self.composer.config
+        if cond.weights_up is not None and config.recenter < 1.0 and not config.reuses_cond_change:
+            # Only a re-centred uncond that evaluates the LoRAs reads them: (N, R, 1, H, W), 0 where
+            # an adapter took no part.
             full = cond.weights_up.new_zeros((n, *cond.weights_up.shape[1:]))
             full[list(evaluated)] = cond.weights_up
         for k, key in enumerate(cond_keys):
@@ -321,6 +323,8 @@ class RowComposer:
         config = self.composer.config
         if config.mode != "loratorio" or config.recenter == 1.0 or not plan_u.evaluated:
             return None  # no re-centring to weigh: the uncond is the base's or a baseline's
+        if config.reuses_cond_change:
+            return None  # the re-centred uncond adds the cond's LoRA change: no weights to apply
         # missing_cond was checked on entry: every image's cond weights are known this step
         stored = [self._cond_of_sample[s][0] / self._cond_of_sample[s][1] for s in samples]
         return torch.stack(stored, dim=1)[list(plan_u.evaluated)]
@@ -328,11 +332,9 @@ class RowComposer:
     def _uncond_change(self, plan_u, samples: list[int]) -> Tensor | None:
         """(rows, C, H, W) each uncond row's image's LoRA change, the mean over its cond rows (AND
         sub-prompts), when the re-centred uncond reuses it; else None."""
-        config = self.composer.config
-        if config.mode != "loratorio" or config.recenter == 1.0 or config.uncond_loras != "reuse":
+        if not self.composer.config.reuses_cond_change or plan_u.gated:
+            # gated step: its uncond row is gated, with the residual of an exact step
             return None
-        if plan_u.gated:
-            return None  # a gated step: its uncond row is gated, with the residual of an exact step
         return torch.stack([self._cond_of_sample[s][3] / self._cond_of_sample[s][1] for s in samples])
 
 

@@ -244,7 +244,7 @@ class StepComposer:
             return _gated_plan(cfg_, step, specs, batch_size, cfg, state, kept)
         everyone = tuple(range(batch_size))
         recentred = cfg and cfg_.recenter < 1.0
-        uncond_loras = recentred and cfg_.uncond_loras == "evaluate"
+        uncond_loras = recentred and not cfg_.reuses_cond_change
         selecting = False
         kept_now = None
         samples_of = {i: everyone for i in range(n)}
@@ -395,7 +395,7 @@ class StepComposer:
         if mode == "composite":
             return _mean(read.stack(UNCOND, range(len(plan.adapters))))
         config = plan.config
-        if config.uncond_loras == "reuse" and config.recenter < 1.0:
+        if config.reuses_cond_change:
             if cond.change is None:
                 raise ValueError(
                     "uncond_loras='reuse' needs the cond branch's LoRA change (CondResult.change): "
@@ -592,7 +592,7 @@ def _loratorio_cond(plan: StepPlan, read: _Reader) -> CondResult:
         in_force = keep if keep is not None else torch.ones(len(used), b, dtype=torch.bool)
         kept = torch.zeros(n, b, dtype=torch.bool, device=device).index_copy_(0, index, in_force.to(device))
     change = None
-    if config.uncond_loras == "reuse" and config.recenter < 1.0:
+    if config.reuses_cond_change:
         exact = torch.promote_types(cond.dtype, torch.float32)
         change = cond.to(exact) - base_cond.to(exact)
     gates = _next_gate_state(plan, read, cond, weights_up)
