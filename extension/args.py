@@ -32,7 +32,8 @@ class PatchSize:
 class Arg:
     """One script argument: its name, type, default, and the infotext key that records it.
     absent: its value when a LoRAtorio infotext lacks the key (the infotext writes some keys only
-    when they are on, and older versions wrote fewer); None leaves the field as it is."""
+    when they are on, and older versions wrote fewer); None leaves the field as it is. choices:
+    the values a string argument may take (checked by ``parse_args``), or None."""
 
     name: str
     kind: type
@@ -40,11 +41,19 @@ class Arg:
     infotext: str
     help: str
     absent: object = None
+    choices: tuple[str, ...] | None = None
 
 
 ARGS: tuple[Arg, ...] = (
     Arg("enabled", bool, False, infotext.ENABLED, "compose the prompt's LoRAs with LoRAtorio"),
-    Arg("mode", str, "LoRAtorio", infotext.MODE, "LoRAtorio, or a baseline: Composite, Switch, Merge"),
+    Arg(
+        "mode",
+        str,
+        "LoRAtorio",
+        infotext.MODE,
+        "LoRAtorio, or a baseline: Composite, Switch, Merge",
+        choices=tuple(MODE_LABELS),
+    ),
     Arg(
         "patch_size",
         PatchSize,
@@ -87,6 +96,7 @@ ARGS: tuple[Arg, ...] = (
         f"how divergences become patch weights: {', '.join(WEIGHTINGS)} (softmin: the paper's; "
         "contrast: the default, each LoRA's divergence over its own mean, so where it acts decides)",
         absent="softmin",  # pictures from before the setting were all made with softmin
+        choices=WEIGHTINGS,
     ),
     Arg(
         "uncond_loras",
@@ -96,6 +106,7 @@ ARGS: tuple[Arg, ...] = (
         "with lam < 1, the LoRAs' part of the negative branch: evaluate (every LoRA runs the negative "
         "prompt, 2N + 2 rows a step) or reuse (the positive branch's LoRA change; N + 2 rows, faster)",
         absent="evaluate",  # written only when reuse: every other picture evaluated them
+        choices=UNCOND_LORAS,
     ),
 )
 NAMES = tuple(arg.name for arg in ARGS)
@@ -153,20 +164,13 @@ def parse_args(values: Sequence[object]) -> Settings:
         value = values[index] if index < len(values) else arg.default
         parsed[arg.name] = _coerce(index, arg, value)
     settings = Settings(**parsed)
-    if settings.mode not in MODE_LABELS:
-        raise ValueError(
-            f"LoRAtorio argument 1 (mode) must be one of {', '.join(MODE_LABELS)}; got {settings.mode!r}"
-        )
-    if settings.weighting not in WEIGHTINGS:
-        raise ValueError(
-            f"LoRAtorio argument {NAMES.index('weighting')} (weighting) must be one of "
-            f"{', '.join(WEIGHTINGS)}; got {settings.weighting!r}"
-        )
-    if settings.uncond_loras not in UNCOND_LORAS:
-        raise ValueError(
-            f"LoRAtorio argument {NAMES.index('uncond_loras')} (uncond_loras) must be one of "
-            f"{', '.join(UNCOND_LORAS)}; got {settings.uncond_loras!r}"
-        )
+    for index, arg in enumerate(ARGS):
+        value = parsed[arg.name]
+        if arg.choices is not None and value not in arg.choices:
+            raise ValueError(
+                f"LoRAtorio argument {index} ({arg.name}) must be one of {', '.join(arg.choices)}; "
+                f"got {value!r}"
+            )
     if settings.top_k < 0:
         raise ValueError(f"LoRAtorio argument 6 (top_k) must be 0 (off) or more; got {settings.top_k}")
     try:
